@@ -1,0 +1,5 @@
+import sys
+
+from hjepa.cli import main
+
+sys.exit(main())

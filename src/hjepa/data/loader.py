@@ -1,0 +1,175 @@
+"""Deterministic, resumable, rank-sharded epoch iteration.
+
+The order of epoch ``e`` is a permutation drawn from a generator seeded by
+``(seed, e)`` alone, so it does not depend on how many epochs ran before,
+on the process, or on a restart. With ``world_size`` ranks the permutation
+is cut to a multiple of ``world_size`` (``drop_last``) or padded by wrapping
+around (otherwise), and rank ``r`` takes positions ``r, r + world_size, ...``
+(as ``DistributedSampler``): equal sizes, disjoint when not padded.
+Resuming at batch ``k`` only slices the index list: skipped batches are
+never loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hjepa.data.datasets import ImageTensors
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of ``range(n)`` for ``epoch``: a pure function of ``(n, seed, epoch)``."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    # SeedSequence mixes (seed, epoch) so nearby pairs give unrelated streams.
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return torch.randperm(n, generator=g)
+
+
+class _IndexList(Sampler[int]):
+    """A sampler whose indices are swapped each epoch, so persistent workers survive."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochLoader:
+    """Batches of ``(images uint8 [B, C, H, W], labels int64 [B])`` for one rank.
+
+    Args:
+        dataset: an :class:`ImageTensors` (indexed in memory, in the main process) or any
+            map-style dataset returning ``(uint8 [C, H, W], int)`` (decoded by a
+            ``DataLoader`` with ``num_workers`` persistent workers).
+        batch_size: samples per batch on this rank.
+        seed: seed of the data order.
+        drop_last: drop the last incomplete batch (and the samples that do not divide
+            evenly across ranks).
+        num_workers: DataLoader workers for non-in-memory datasets.
+        rank, world_size: this process's shard.
+        pin_memory: pin batches for asynchronous host-to-GPU copies; default: when
+            CUDA is available.
+
+    Attributes:
+        skipped: samples dropped because the dataset returned label ``-1`` (unreadable
+            images), summed over all epochs served by this loader.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool | None = None,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        n = len(dataset)  # type: ignore[arg-type]
+        if drop_last:
+            self.samples_per_rank = n // world_size
+        else:
+            self.samples_per_rank = -(-n // world_size)
+        if batch_size > self.samples_per_rank:
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the {self.samples_per_rank} samples each "
+                f"of the {world_size} rank(s) gets from a dataset of {n}; lower train.batch_size"
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skipped = 0
+        self._in_memory = isinstance(dataset, ImageTensors)
+        self._sampler = _IndexList()
+        self._loader: DataLoader | None = None
+        if not self._in_memory:
+            self._loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=self._sampler,
+                drop_last=drop_last,
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                pin_memory=self.pin_memory,
+                # Its own generator: DataLoader otherwise draws a worker seed from the
+                # global RNG on every epoch, shifting every later random number.
+                generator=torch.Generator().manual_seed(seed),
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        if self.drop_last:
+            return self.samples_per_rank // self.batch_size
+        return -(-self.samples_per_rank // self.batch_size)
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for ``epoch``, in order (length ``samples_per_rank``)."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        perm = epoch_permutation(n, self.seed, epoch)
+        total = self.samples_per_rank * self.world_size
+        if total > n:  # pad by wrapping, as DistributedSampler does without drop_last
+            perm = torch.cat([perm, perm[: total - n]])
+        return perm[self.rank : total : self.world_size]
+
+    def iter_epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of ``epoch`` from batch ``start_batch`` on (to resume mid-epoch)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(
+                f"start_batch must be in [0, {len(self)}] (batches per epoch), got {start_batch}"
+            )
+        order = self.indices(epoch)[start_batch * self.batch_size :]
+        if self.drop_last:
+            order = order[: (len(self) - start_batch) * self.batch_size]
+        if self._in_memory:
+            yield from self._iter_in_memory(order)
+        else:
+            yield from self._iter_workers(order)
+
+    def _iter_in_memory(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        data: ImageTensors = self.dataset  # type: ignore[assignment]
+        for batch in order.split(self.batch_size):
+            images, labels = data.images[batch], data.labels[batch]
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
+
+    def _iter_workers(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        assert self._loader is not None
+        self._sampler.indices = order.tolist()
+        for images, labels in self._loader:
+            keep = labels != -1
+            dropped = int((~keep).sum())
+            if dropped:
+                self.skipped += dropped
+                images, labels = images[keep], labels[keep]
+                if labels.numel() == 0:
+                    continue
+            yield images, labels

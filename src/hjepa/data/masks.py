@@ -1,0 +1,238 @@
+"""I-JEPA multi-block masks with hierarchy levels.
+
+Tokens live on a ``G x G`` grid (level 0, ``N = G**2``, row-major index ``r * G + c``). One call
+of :meth:`MultiBlockMaskSampler.sample` draws, for a batch of ``B`` images:
+
+* **Target blocks.** One block size per batch, shared by all samples and all ``M`` blocks (as
+  I-JEPA's collator does): ``s ~ U(target_scale)``, ``a ~ U(target_aspect)``,
+  ``h = round(sqrt(s N a))``, ``w = round(sqrt(s N / a))``, clamped to ``[1, G]``. Each block's
+  top-left corner is uniform over all ``(G - h + 1) x (G - w + 1)`` valid positions, so the last
+  row and column are reachable.
+* **Footprints per level.** ``scale_mode`` picks the level-0 blocks level ``l`` is built from:
+  ``constant`` (default) reuses the level-0 targets, so every level covers the same 15-20 % of
+  the image; ``gentle`` draws its own blocks with the scale range shifted by ``0, .03, .05, .07``
+  (``+.02`` per further level); ``geometric`` (the reviewed bug, kept for the ablation) draws
+  blocks of scale ``target_scale * 2**l`` clipped to 1.
+* **Context.** One square (``a = 1``) of scale ``~ U(context_scale)`` at a random position, minus
+  every footprint token of every level. A sample left with fewer than ``min_context`` tokens is
+  redrawn (bounded retries); then each sample keeps a random subset of ``K = min_b |C_b|`` tokens,
+  so counts are equal and gathering is a reshape.
+* **Level targets.** The level-``l`` grid is level 0 average-pooled by ``s = 2**l`` with floor,
+  ``G_l = G // s`` (cell ``i`` covers rows ``[i s, (i + 1) s)``; leftover rows/cols belong to no
+  cell). A cell is a target when ``2 |cell ∩ footprint| >= s**2`` (at least half covered); if no
+  cell qualifies, the most-covered one does (ties: cell centre nearest to the footprint centroid,
+  then lowest index), so no level is empty. Every ``[b, m]`` row then keeps a random subset of
+  ``min_{b,m}`` cells.
+
+All randomness comes from the ``torch.Generator`` given to ``sample``. Python loops run over
+levels and (rare) retries only, never over samples or blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCALE_MODES = ("constant", "gentle", "geometric")
+_GENTLE_SHIFT = (0.0, 0.03, 0.05, 0.07)
+_MAX_RETRIES = 20
+
+
+def level_grid_size(grid_size: int, level: int) -> int:
+    """Side of the level-``level`` grid: ``grid_size // 2**level`` (floor)."""
+    return grid_size // 2**level
+
+
+def mask_to_index(mask: Tensor) -> Tensor:
+    """``[..., N]`` bool, same count ``K`` in every row -> ``[..., K]`` ascending long indices."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask_to_index expects a bool mask, got {mask.dtype}: pass mask.bool()")
+    counts = mask.sum(-1)
+    k = int(counts.flatten()[0]) if counts.numel() else 0
+    if counts.numel() and not bool((counts == k).all()):
+        raise ValueError(
+            f"mask_to_index needs the same number of True entries in every row, got "
+            f"{int(counts.min())} to {int(counts.max())}: truncate to one common count first"
+        )
+    # nonzero() walks row-major, so each row's indices come out ascending.
+    return mask.nonzero()[:, -1].reshape(*mask.shape[:-1], k)
+
+
+def footprint_to_level(footprint: Tensor, grid_size: int, level: int) -> Tensor:
+    """Level-``level`` target cells ``[..., N_l]`` of level-0 footprints ``[..., N]``."""
+    s, g = 2**level, level_grid_size(grid_size, level)
+    grid = footprint.reshape(-1, grid_size, grid_size)
+    counts = grid[:, : g * s, : g * s].reshape(-1, g, s, g, s).sum((2, 4)).flatten(1)
+    cells = 2 * counts >= s * s
+    # Fallback cell: most covered, then nearest to the footprint centroid, then lowest index.
+    centre = torch.arange(grid_size) + 0.5
+    area = grid.sum((1, 2)).clamp(min=1)
+    cy = (grid.sum(2) * centre).sum(1) / area
+    cx = (grid.sum(1) * centre).sum(1) / area
+    cell_centre = (torch.arange(g) + 0.5) * s
+    dist2 = (cell_centre[None, :, None] - cy[:, None, None]) ** 2 + (
+        cell_centre[None, None, :] - cx[:, None, None]
+    ) ** 2
+    dist2 = dist2.flatten(1).masked_fill(counts < counts.amax(-1, keepdim=True), math.inf)
+    best = torch.nn.functional.one_hot(dist2.argmin(-1), g * g).bool()
+    cells |= best & ~cells.any(-1, keepdim=True)
+    return cells.reshape(*footprint.shape[:-1], g * g)
+
+
+def _keep_random(mask: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """Keep a uniformly random ``k`` of the True entries per row (first-k would favour top-left)."""
+    if bool((mask.sum(-1) == k).all()):
+        return mask
+    scores = torch.rand(mask.shape, generator=generator).masked_fill_(~mask, 2.0)
+    kept = scores.topk(k, dim=-1, largest=False).indices
+    return torch.zeros_like(mask).scatter_(-1, kept, True)
+
+
+@dataclass
+class MaskBatch:
+    """Masks of one batch; every row of a mask has the same count (see the module docstring)."""
+
+    context: Tensor  # [B, N] bool, level-0 grid
+    targets: Tensor  # [B, M, N] bool, level-0 target blocks (== level_blocks[0])
+    level_blocks: list[Tensor]  # per level: [B, M, N] bool level-0 footprints
+    level_targets: list[Tensor]  # per level: [B, M, N_l] bool on the level-l grid
+    context_block: Tensor | None = None  # [B, N] bool square before target removal (viz, tests)
+
+    def context_index(self) -> Tensor:
+        return mask_to_index(self.context)
+
+    def target_index(self) -> Tensor:
+        return mask_to_index(self.targets)
+
+    def level_index(self, level: int) -> Tensor:
+        return mask_to_index(self.level_targets[level])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return MaskBatch(
+            move(self.context),
+            move(self.targets),
+            [move(t) for t in self.level_blocks],
+            [move(t) for t in self.level_targets],
+            move(self.context_block),
+        )
+
+
+def _check_range(name: str, value: tuple[float, float], upper: float | None = 1.0) -> None:
+    lo, hi = value
+    if not (0 < lo <= hi and (upper is None or hi <= upper)):
+        bound = "(0, 1]" if upper else "(0, inf)"
+        raise ValueError(f"{name}={tuple(value)} is invalid: use 0 < min <= max within {bound}")
+
+
+class MultiBlockMaskSampler:
+    """Samples I-JEPA multi-block context/target masks plus per-level targets."""
+
+    def __init__(
+        self,
+        grid_size: int,
+        levels: int = 3,
+        num_targets: int = 4,
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect: tuple[float, float] = (0.75, 1.5),
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        scale_mode: str = "constant",
+        min_context: int = 4,
+    ) -> None:
+        if grid_size < 1:
+            raise ValueError(f"grid_size={grid_size} is invalid: use a token grid of at least 1x1")
+        if levels < 1:
+            raise ValueError(f"model.levels={levels} is invalid: use at least 1 level")
+        if level_grid_size(grid_size, levels - 1) < 1:
+            most = grid_size.bit_length()  # largest L with grid_size // 2**(L-1) >= 1
+            raise ValueError(
+                f"model.levels={levels} is too deep for a {grid_size}x{grid_size} token grid: "
+                f"use at most {most} levels, or a larger image / smaller patch size"
+            )
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(
+                f"masking.scale_mode={scale_mode!r} is unknown: use one of {SCALE_MODES}"
+            )
+        if num_targets < 1:
+            raise ValueError(f"num_targets={num_targets} is invalid: use at least 1 target block")
+        if not 1 <= min_context <= grid_size**2:
+            raise ValueError(f"min_context={min_context} is invalid: use 1..{grid_size**2}")
+        _check_range("target_scale", target_scale)
+        _check_range("context_scale", context_scale)
+        _check_range("target_aspect", target_aspect, upper=None)
+        self.grid_size, self.levels, self.num_targets = grid_size, levels, num_targets
+        self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
+        self.context_scale, self.scale_mode, self.min_context = (
+            tuple(context_scale),
+            scale_mode,
+            min_context,
+        )
+
+    def footprint_scale(self, level: int) -> tuple[float, float]:
+        """Scale range of the blocks level ``level`` draws (non-constant modes)."""
+        lo, hi = self.target_scale
+        if self.scale_mode == "geometric":
+            shift_lo, shift_hi, factor = 0.0, 0.0, 2.0**level
+        else:
+            shift = _GENTLE_SHIFT[level] if level < 4 else 0.07 + 0.02 * (level - 3)
+            shift_lo, shift_hi, factor = shift, shift, 1.0
+        return min(lo * factor + shift_lo, 1.0), min(hi * factor + shift_hi, 1.0)
+
+    def _block_size(self, scale, aspect, generator: torch.Generator) -> tuple[int, int]:
+        u_scale, u_aspect = torch.rand(2, generator=generator).tolist()
+        s = scale[0] + u_scale * (scale[1] - scale[0])
+        a = aspect[0] + u_aspect * (aspect[1] - aspect[0])
+        area = s * self.grid_size**2
+        side = lambda x: min(max(round(math.sqrt(x)), 1), self.grid_size)
+        return side(area * a), side(area / a)
+
+    def _blocks(self, batch: int, count: int, size, generator: torch.Generator) -> Tensor:
+        """``[batch, count, N]`` blocks of ``size = (h, w)``, top-left uniform over all offsets."""
+        (h, w), g = size, self.grid_size
+        top = torch.randint(0, g - h + 1, (batch, count, 1), generator=generator)
+        left = torch.randint(0, g - w + 1, (batch, count, 1), generator=generator)
+        pos = torch.arange(g)
+        rows = (pos >= top) & (pos < top + h)
+        cols = (pos >= left) & (pos < left + w)
+        return (rows[..., :, None] & cols[..., None, :]).flatten(-2)
+
+    def _draw(self, batch: int, sizes, side: int, generator: torch.Generator):
+        footprints = [self._blocks(batch, self.num_targets, hw, generator) for hw in sizes]
+        block = self._blocks(batch, 1, (side, side), generator)[:, 0]
+        covered = torch.stack(footprints, 1).any(2).any(1)
+        return footprints, block, block & ~covered
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> MaskBatch:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is invalid: use at least 1")
+        draws = 1 if self.scale_mode == "constant" else self.levels
+        scales = [self.target_scale] + [self.footprint_scale(lv) for lv in range(1, draws)]
+        sizes = [self._block_size(sc, self.target_aspect, generator) for sc in scales]
+        side = self._block_size(self.context_scale, (1.0, 1.0), generator)[0]
+        footprints, block, context = self._draw(batch_size, sizes, side, generator)
+        for attempt in range(_MAX_RETRIES + 1):
+            bad = context.sum(-1) < self.min_context
+            if not bad.any():
+                break
+            if attempt == _MAX_RETRIES:
+                raise ValueError(
+                    f"masks leave fewer than min_context={self.min_context} context tokens on a "
+                    f"{self.grid_size}x{self.grid_size} grid ({self.num_targets} targets of "
+                    f"{sizes[0][0]}x{sizes[0][1]}, scale_mode={self.scale_mode!r}): lower "
+                    f"num_targets or target_scale, or raise context_scale"
+                )
+            new_fps, new_block, new_context = self._draw(int(bad.sum()), sizes, side, generator)
+            for fp, new_fp in zip(footprints, new_fps):
+                fp[bad] = new_fp
+            block[bad], context[bad] = new_block, new_context
+        context = _keep_random(context, int(context.sum(-1).min()), generator)
+
+        level_blocks = footprints if draws > 1 else footprints * self.levels
+        level_targets = []
+        for level, fp in enumerate(level_blocks):
+            cells = footprint_to_level(fp, self.grid_size, level)
+            level_targets.append(_keep_random(cells, int(cells.sum(-1).min()), generator))
+        return MaskBatch(context, footprints[0], level_blocks, level_targets, block)

@@ -1,0 +1,74 @@
+"""Frozen features for the probes: per hierarchy level and concatenated, plus raw pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from hjepa.data.datasets import ImageTensors
+from hjepa.data.normalize import to_input
+from hjepa.models.hjepa import level_features
+from hjepa.models.vit import VisionTransformer
+
+
+def iter_batches(
+    dataset: Dataset, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The dataset in order, as ``(uint8 images, labels)`` batches; unreadable images dropped."""
+    if isinstance(dataset, ImageTensors):
+        for start in range(0, len(dataset), batch_size):
+            stop = start + batch_size
+            yield dataset.images[start:stop], dataset.labels[start:stop]
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    for images, labels in loader:
+        keep = labels >= 0
+        yield images[keep], labels[keep]
+
+
+@torch.no_grad()
+def encoder_features(
+    encoder: VisionTransformer,
+    dataset: Dataset,
+    *,
+    levels: int,
+    mean: Tensor,
+    std: Tensor,
+    image_size: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per level ``l`` the mean over cells of the level's target representation.
+
+    Returns ``({"level0": [N, D], ..., "concat": [N, levels*D]}, labels [N])``. Level ``l`` is
+    exactly what the predictor is trained to predict at that level (2D-pooled, non-affine
+    layer-normed tokens), averaged over the image.
+    """
+    encoder.eval()
+    per_level: list[list[Tensor]] = [[] for _ in range(levels)]
+    all_labels = []
+    for images, labels in iter_batches(dataset, batch_size, num_workers):
+        x = to_input(images.to(device), mean, std, image_size)
+        tokens = encoder(x)
+        for lvl, feats in enumerate(level_features(tokens, encoder.grid_size, levels)):
+            per_level[lvl].append(feats.mean(dim=1).float().cpu())
+        all_labels.append(labels)
+    out = {f"level{lvl}": torch.cat(chunks) for lvl, chunks in enumerate(per_level)}
+    if levels > 1:
+        out["concat"] = torch.cat([out[f"level{lvl}"] for lvl in range(levels)], dim=1)
+    return out, torch.cat(all_labels)
+
+
+def pixel_features(
+    dataset: Dataset, *, mean: Tensor, std: Tensor, image_size: int, batch_size: int = 2048
+) -> tuple[Tensor, Tensor]:
+    """Raw normalised pixels, flattened: the baseline every encoder must beat."""
+    feats, labels = [], []
+    for images, y in iter_batches(dataset, batch_size):
+        feats.append(to_input(images, mean, std, image_size).flatten(1))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)

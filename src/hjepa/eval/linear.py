@@ -1,0 +1,250 @@
+"""Linear probe: multinomial logistic regression on frozen features.
+
+Features are standardised with the statistics of the data the classifier is fit on,
+:math:`\\tilde x = (x - \\mu) / \\sigma`, and a linear map :math:`W \\in \\mathbb{R}^{C
+\\times D}, b \\in \\mathbb{R}^C` minimises
+
+.. math::
+    \\mathcal{L}(W, b) = \\frac{1}{N} \\sum_i -\\log \\operatorname{softmax}(W \\tilde x_i
+    + b)_{y_i} + \\frac{\\lambda}{2} \\lVert W \\rVert_F^2,
+
+full-batch with L-BFGS (strong Wolfe line search) from a zero initialisation, so the fit
+is deterministic. The weight decay :math:`\\lambda` is chosen on a held-out split of the
+training set (random, fixed by ``seed``); the classifier is then refit on all training
+data with that :math:`\\lambda` and scored on the test set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Weight-decay grid searched by default (standardised features, mean cross-entropy).
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: L-BFGS iterations per fit; each costs about one full-batch forward/backward pass.
+DEFAULT_MAX_ITER = 100
+
+
+def _check_split(feats: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
+    if feats.ndim != 2:
+        raise ValueError(
+            f"linear probe: {name}_feats must be 2-D [num_samples, dim]; "
+            f"got {tuple(feats.shape)}. Pool token features first."
+        )
+    if labels.shape != (feats.shape[0],):
+        raise ValueError(
+            f"linear probe: {name}_labels must have shape [{feats.shape[0]}]; "
+            f"got {tuple(labels.shape)}."
+        )
+    if feats.shape[0] == 0:
+        raise ValueError(f"linear probe: {name} split is empty.")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"linear probe: {name} labels must lie in [0, {num_classes - 1}]; got range "
+            f"[{int(labels.min())}, {int(labels.max())}]. Check num_classes."
+        )
+
+
+class _LinearClassifier:
+    """Standardisation statistics plus the fitted linear map."""
+
+    def __init__(self, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor) -> None:
+        self.mean, self.std, self.weight, self.bias = mean, std, weight, bias
+
+    def predict(self, feats: Tensor) -> Tensor:
+        x = (feats.to(self.mean.dtype) - self.mean) / self.std
+        return (x @ self.weight.T + self.bias).argmax(dim=1)
+
+    def accuracy(self, feats: Tensor, labels: Tensor) -> float:
+        predictions = self.predict(feats)
+        return (predictions == labels.to(predictions.device)).double().mean().item()
+
+
+def _fit(
+    feats: Tensor, labels: Tensor, num_classes: int, weight_decay: float, max_iter: int
+) -> _LinearClassifier:
+    """Fit the L2-regularised multinomial logistic regression described in the module doc."""
+    x = feats.to(torch.promote_types(feats.dtype, torch.float32))
+    mean = x.mean(dim=0)
+    # Constant feature dims would divide by zero; they carry no signal, so any scale works.
+    std = x.std(dim=0, correction=0).clamp_min(1e-6)
+    x = (x - mean) / std
+    y = labels.to(device=x.device, dtype=torch.long)
+
+    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
+    bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y)
+        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return _LinearClassifier(mean, std, weight.detach(), bias.detach())
+
+
+def linear_probe(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    val_fraction: float = 0.1,
+) -> dict[str, float]:
+    """Linear-probe accuracy of frozen features.
+
+    Args:
+        train_feats, train_labels: ``[N, D]`` features and ``[N]`` labels to fit on.
+        test_feats, test_labels: ``[M, D]`` and ``[M]`` to report accuracy on.
+        num_classes: number of classes ``C``.
+        seed: fixes the train/validation split used to pick the weight decay.
+        weight_decays: grid of :math:`\\lambda`; the best validation accuracy wins,
+            ties going to the larger :math:`\\lambda` (the smoother classifier).
+        max_iter: L-BFGS iterations per fit.
+        val_fraction: share of the training set held out for the weight-decay choice.
+
+    Returns:
+        ``{"accuracy": test accuracy of the refit classifier, "weight_decay": chosen
+        lambda, "val_accuracy": its validation accuracy}``, accuracies in [0, 1].
+    """
+    _check_split(train_feats, train_labels, num_classes, "train")
+    _check_split(test_feats, test_labels, num_classes, "test")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(
+            f"linear probe: train dim {train_feats.shape[1]} != test dim "
+            f"{test_feats.shape[1]}; extract both with the same encoder."
+        )
+    if not weight_decays or any(wd < 0 or not math.isfinite(wd) for wd in weight_decays):
+        raise ValueError(
+            f"linear probe: weight_decays must be a non-empty sequence of finite values >= 0; "
+            f"got {tuple(weight_decays)}."
+        )
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"linear probe: val_fraction must be in (0, 1), got {val_fraction}.")
+    if max_iter < 1:
+        raise ValueError(f"linear probe: max_iter must be >= 1, got {max_iter}.")
+
+    n = train_feats.shape[0]
+    n_val = max(1, round(val_fraction * n))
+    if n - n_val < 1:
+        raise ValueError(
+            f"linear probe: {n} training samples leave none to fit after holding out "
+            f"{n_val} for validation; provide more data or lower val_fraction."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).to(train_feats.device)
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+
+    best_wd, best_val = 0.0, -1.0
+    for wd in sorted(weight_decays):
+        classifier = _fit(train_feats[fit_idx], train_labels[fit_idx], num_classes, wd, max_iter)
+        val_acc = classifier.accuracy(train_feats[val_idx], train_labels[val_idx])
+        if val_acc >= best_val:  # ascending grid: ">=" lets the larger lambda win ties
+            best_wd, best_val = float(wd), val_acc
+
+    classifier = _fit(train_feats, train_labels, num_classes, best_wd, max_iter)
+    return {
+        "accuracy": classifier.accuracy(test_feats, test_labels),
+        "weight_decay": best_wd,
+        "val_accuracy": best_val,
+    }
+
+
+def class_balanced_subset(labels: Tensor, num_classes: int, fraction: float, seed: int) -> Tensor:
+    """Indices of a class-balanced random subset holding about ``fraction`` of ``labels``.
+
+    Every class contributes ``max(1, round(fraction * N / num_classes))`` samples, drawn
+    without replacement by a generator seeded with ``seed`` (reproducible). Returned
+    indices are sorted.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"low-shot: fraction must be in (0, 1], got {fraction}.")
+    if labels.ndim != 1 or labels.numel() == 0:
+        raise ValueError(f"low-shot: labels must be a non-empty 1-D tensor; got {labels.shape}.")
+    labels = labels.cpu()
+    per_class = max(1, round(fraction * labels.numel() / num_classes))
+    counts = torch.bincount(labels, minlength=num_classes)
+    if counts.numel() > num_classes:
+        raise ValueError(f"low-shot: labels exceed num_classes={num_classes}.")
+    if int(counts.min()) < per_class:
+        short = int(counts.argmin())
+        raise ValueError(
+            f"low-shot: a balanced {fraction:g} subset needs {per_class} samples per class, "
+            f"but class {short} has {int(counts[short])}; lower the fraction."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def low_shot_linear_probe(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    fractions: Sequence[float] = (0.01, 0.1),
+    seeds: Sequence[int] = (0, 1, 2),
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    val_fraction: float = 0.1,
+) -> dict[float, dict[str, float | list[float]]]:
+    """Linear probe on class-balanced fractions of the training labels.
+
+    For every fraction and seed, :func:`class_balanced_subset` picks the labelled subset
+    and :func:`linear_probe` (same ``seed``) fits and scores it on the full test set.
+
+    Returns:
+        ``{fraction: {"mean": mean test accuracy, "std": sample std over seeds (0 for a
+        single seed), "per_seed": [accuracy per seed, in ``seeds`` order]}}``.
+    """
+    if not seeds:
+        raise ValueError("low-shot: seeds must not be empty.")
+    results: dict[float, dict[str, float | list[float]]] = {}
+    for fraction in fractions:
+        per_seed = []
+        for seed in seeds:
+            subset = class_balanced_subset(train_labels, num_classes, fraction, seed)
+            subset = subset.to(train_feats.device)
+            probe = linear_probe(
+                train_feats[subset],
+                train_labels[subset],
+                test_feats,
+                test_labels,
+                num_classes,
+                seed=seed,
+                weight_decays=weight_decays,
+                max_iter=max_iter,
+                val_fraction=val_fraction,
+            )
+            per_seed.append(probe["accuracy"])
+        accs = torch.tensor(per_seed, dtype=torch.float64)
+        std = accs.std(correction=1).item() if len(per_seed) > 1 else 0.0
+        results[float(fraction)] = {"mean": accs.mean().item(), "std": std, "per_seed": per_seed}
+    return results

@@ -1,0 +1,21 @@
+"""Exponential moving average of the context encoder into the target encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    r"""In place, for every parameter pair: :math:`\xi \leftarrow m\,\xi + (1 - m)\,\theta`.
+
+    Called once per optimizer step, *after* ``optimizer.step()``, so the target follows the
+    weights the step just produced (the earlier code did it before the step).
+    """
+    t_params = list(target.parameters())
+    o_params = [p.detach() for p in online.parameters()]
+    if len(t_params) != len(o_params):
+        raise ValueError("target and online networks must have the same parameters")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)

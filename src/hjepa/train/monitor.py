@@ -1,0 +1,90 @@
+"""Online health checks during training: a short kNN probe and collapse diagnostics.
+
+A falling JEPA loss proves nothing (a collapsed encoder drives it to zero), so every
+``train.knn_every`` steps the target encoder's features of a fixed train subset (memory bank)
+and a fixed held-out test subset are compared with a kNN, and per level the embedding std and
+effective rank of the test features are logged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from hjepa.config import Config
+from hjepa.data.datasets import ImageTensors, build_dataset
+from hjepa.eval.collapse import collapse_report
+from hjepa.eval.features import encoder_features
+from hjepa.eval.knn import knn_accuracy
+from hjepa.models.vit import VisionTransformer
+
+
+def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
+    """A reproducible random subset of ``size`` items (all of them when ``size`` is larger)."""
+    if size <= 0 or size >= len(dataset):
+        return dataset
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    index = index.sort().values
+    if isinstance(dataset, ImageTensors):
+        return ImageTensors(
+            dataset.images[index], dataset.labels[index], dataset.num_classes, dataset.classes
+        )
+    return Subset(dataset, index.tolist())
+
+
+class OnlineProbe:
+    def __init__(self, cfg: Config, channels: int, mean: Tensor, std: Tensor, device):
+        self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
+        self._sets: tuple[Dataset, Dataset, int] | None = None
+
+    def _datasets(self) -> tuple[Dataset, Dataset, int]:
+        if self._sets is None:  # loaded on first use, so short runs that never probe pay nothing
+            d, t = self.cfg.data, self.cfg.train
+            kw = dict(
+                image_size=d.image_size,
+                channels=d.channels,
+                synthetic_size=d.synthetic_size,
+                seed=t.seed,
+                class_subset=d.class_subset or None,
+            )
+            train = build_dataset(d.name, d.root or None, "train", **kw)
+            test = build_dataset(d.name, d.root or None, "test", **kw)
+            num_classes = int(getattr(train, "num_classes", 0))
+            self._sets = (
+                fixed_subset(train, t.knn_bank_size, seed=1),
+                fixed_subset(test, t.knn_query_size, seed=2),
+                num_classes,
+            )
+        return self._sets
+
+    @torch.no_grad()
+    def __call__(self, encoder: VisionTransformer) -> dict[str, float | bool]:
+        bank, query, num_classes = self._datasets()
+        kw = dict(
+            levels=self.cfg.model.levels,
+            mean=self.mean,
+            std=self.std,
+            image_size=self.cfg.data.image_size,
+            batch_size=self.cfg.eval.batch_size,
+            device=self.device,
+        )
+        bank_feats, bank_labels = encoder_features(encoder, bank, **kw)
+        query_feats, query_labels = encoder_features(encoder, query, **kw)
+        out: dict[str, float | bool] = {}
+        for name, feats in query_feats.items():
+            out[f"knn_{name}"] = knn_accuracy(
+                bank_feats[name],
+                bank_labels,
+                feats,
+                query_labels,
+                num_classes,
+                k=self.cfg.eval.knn_k,
+                temperature=self.cfg.eval.knn_temperature,
+            )
+            if name != "concat":
+                report = collapse_report(feats)
+                out[f"std_{name}"] = report["normalized_embedding_std"]
+                out[f"rank_{name}"] = report["effective_rank"]
+                out[f"collapsed_{name}"] = report["collapsed"]
+        return out

@@ -1,0 +1,34 @@
+"""AdamW with parameter groups: no weight decay on biases, norms, positions and tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hjepa.config import OptimConfig
+
+
+def param_groups(modules: list[nn.Module]) -> list[dict]:
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                # Matrices and conv kernels decay; vectors (biases, norm gains) and tokens don't.
+                (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(modules), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)
+    )
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["apply_wd"]:
+            group["weight_decay"] = weight_decay

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from hjepa.config import load_config
+
+TINY = [
+    "data.name=synthetic",
+    "data.image_size=32",
+    "data.channels=1",
+    "data.synthetic_size=128",
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.predictor_embed_dim=16",
+    "model.predictor_depth=1",
+    "model.predictor_num_heads=2",
+    "train.batch_size=16",
+    "train.knn_every=0",
+    "train.knn_bank_size=64",
+    "train.knn_query_size=32",
+    "train.log_every=1",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)  # small tensors: threading only adds noise on a shared 2-core box
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    def make(*overrides: str):
+        return load_config(None, [*TINY, f"run.dir={tmp_path / 'run'}", *overrides])
+
+    return make
