@@ -335,3 +335,12 @@ def test_image_tensors_validation() -> None:
         ImageTensors(
             torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 2]), num_classes=2
         )
+
+
+def test_image_folder_16bit_grayscale_keeps_top_byte(tmp_path: Path) -> None:
+    folder = tmp_path / "train" / "n001"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((5, 5), 0x9A3C, dtype=np.uint16)).save(folder / "deep.png")
+    image, label = ImageFolder(tmp_path, "train", image_size=5, channels=1)[0]
+    # Plain convert("L") would clip this to 255; the top byte 0x9A is the intended shade.
+    assert label == 0 and torch.all(image == 0x9A)

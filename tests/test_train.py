@@ -47,8 +47,9 @@ def _snapshot(module):
 
 @pytest.mark.parametrize("timing", ["after_step", "before_step"])
 def test_ema_follows_the_weights_of_the_optimizer_step(tiny_config, timing):
-    trainer = Trainer(tiny_config("train.ema_start=0.9", "train.ema_end=0.9",
-                                  f"train.ema_timing={timing}"))
+    trainer = Trainer(
+        tiny_config("train.ema_start=0.9", "train.ema_end=0.9", f"train.ema_timing={timing}")
+    )
     model = trainer.model
     model.train()
     target0 = _snapshot(model.target_encoder)
@@ -66,8 +67,9 @@ def test_ema_follows_the_weights_of_the_optimizer_step(tiny_config, timing):
 
 
 def test_ema_once_per_optimizer_step_under_accumulation(tiny_config):
-    trainer = Trainer(tiny_config("train.accum_steps=2", "train.ema_start=0.5",
-                                  "train.ema_end=0.5"))
+    trainer = Trainer(
+        tiny_config("train.accum_steps=2", "train.ema_start=0.5", "train.ema_end=0.5")
+    )
     trainer.model.train()
     target0 = _snapshot(trainer.model.target_encoder)
     batches = trainer._batches()
@@ -92,8 +94,12 @@ def _all_state(trainer):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_config, tmp_path):
-    common = ["train.max_steps=6", "train.accum_steps=2", "model.drop_path=0.1",
-              "run.checkpoint_every=100"]
+    common = [
+        "train.max_steps=6",
+        "train.accum_steps=2",
+        "model.drop_path=0.1",
+        "run.checkpoint_every=100",
+    ]
     full = Trainer(tiny_config(*common, f"run.dir={tmp_path / 'full'}"))
     full.fit()
     first = Trainer(tiny_config(*common, "train.stop_after=4", f"run.dir={tmp_path / 'part'}"))
@@ -106,8 +112,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_config, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    steps = [r["step"] for r in map(json.loads, (tmp_path / "part/metrics.jsonl").open())
-             if r["kind"] == "train"]
+    steps = [
+        r["step"]
+        for r in map(json.loads, (tmp_path / "part/metrics.jsonl").open())
+        if r["kind"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 

@@ -107,7 +107,9 @@ class MaskingConfig:
 class LossConfig:
     distance: str = "mse"  # mse | smooth_l1
     level_weights: list[float] = field(default_factory=list)  # [] -> [1.0, 0.7, 0.5, 0.35][:levels]
-    regularizer: str = "none"
+    regularizer: str = "none"  # none | sigreg (on the context encoder's tokens)
+    sigreg_weight: float = 0.05
+    sigreg_slices: int = 1024
 
 
 @dataclass
@@ -144,7 +146,7 @@ CHOICES = {
     "data.name": ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic"),
     "masking.scale_mode": ("constant", "gentle", "geometric"),
     "loss.distance": ("mse", "smooth_l1"),
-    "loss.regularizer": ("none",),
+    "loss.regularizer": ("none", "sigreg"),
 }
 
 

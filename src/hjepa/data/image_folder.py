@@ -63,8 +63,13 @@ def read_class_subset(class_subset: str) -> list[str]:
     return names
 
 
+def _subdirs(path: Path) -> list[str]:
+    with os.scandir(path) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir())
+
+
 def _has_class_dirs(path: Path) -> bool:
-    return path.is_dir() and any(entry.is_dir() for entry in os.scandir(path))
+    return path.is_dir() and bool(_subdirs(path))
 
 
 def _split_dir(root: Path, split: str) -> Path:
@@ -131,7 +136,7 @@ class ImageFolder(Dataset):
         if not root.is_dir():
             raise FileNotFoundError(f"image folder root {root} does not exist (set data.root)")
         folder = _split_dir(root, split)
-        present = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+        present = _subdirs(folder)
         if class_subset is not None:
             wanted = read_class_subset(class_subset)
             missing = sorted(set(wanted) - set(present))
@@ -179,6 +184,9 @@ class ImageFolder(Dataset):
         with Image.open(path) as img:
             # JPEG can decode at 1/2, 1/4, 1/8 scale directly: much faster for big photos.
             img.draft(mode, (size, size))
+            if img.mode.startswith("I;16"):
+                # 16-bit grayscale: keep the top byte (convert() would clip at 255).
+                img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
             img = img.convert(mode)
             w, h = img.size
             side = min(w, h)

@@ -155,11 +155,22 @@ class EpochLoader:
 
     def _iter_in_memory(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data: ImageTensors = self.dataset  # type: ignore[assignment]
-        for batch in order.split(self.batch_size):
-            images, labels = data.images[batch], data.labels[batch]
-            if self.pin_memory:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+        on_cpu = data.images.device.type == "cpu"
+        if on_cpu:
+            # numpy's row gather is a memcpy per image, ~50x faster than torch's uint8
+            # indexing on CPU. Both arrays view the dataset's memory (no copy).
+            images, labels = data.images.numpy(), data.labels.numpy()
+        for start in range(0, len(order), self.batch_size):  # split() of [] yields one []
+            batch = order[start : start + self.batch_size]
+            if on_cpu:
+                x = torch.from_numpy(images.take(batch.numpy(), axis=0))
+                y = torch.from_numpy(labels.take(batch.numpy()))
+            else:  # a dataset moved to the GPU gathers there
+                x = data.images[batch.to(data.images.device)]
+                y = data.labels[batch.to(data.labels.device)]
+            if self.pin_memory and on_cpu:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x, y
 
     def _iter_workers(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._loader is not None

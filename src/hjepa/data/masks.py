@@ -67,6 +67,9 @@ def footprint_to_level(footprint: Tensor, grid_size: int, level: int) -> Tensor:
     grid = footprint.reshape(-1, grid_size, grid_size)
     counts = grid[:, : g * s, : g * s].reshape(-1, g, s, g, s).sum((2, 4)).flatten(1)
     cells = 2 * counts >= s * s
+    empty = ~cells.any(-1, keepdim=True)
+    if not empty.any():
+        return cells.reshape(*footprint.shape[:-1], g * g)
     # Fallback cell: most covered, then nearest to the footprint centroid, then lowest index.
     centre = torch.arange(grid_size) + 0.5
     area = grid.sum((1, 2)).clamp(min=1)
@@ -78,7 +81,7 @@ def footprint_to_level(footprint: Tensor, grid_size: int, level: int) -> Tensor:
     ) ** 2
     dist2 = dist2.flatten(1).masked_fill(counts < counts.amax(-1, keepdim=True), math.inf)
     best = torch.nn.functional.one_hot(dist2.argmin(-1), g * g).bool()
-    cells |= best & ~cells.any(-1, keepdim=True)
+    cells |= best & empty
     return cells.reshape(*footprint.shape[:-1], g * g)
 
 

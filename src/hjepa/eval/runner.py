@@ -95,11 +95,10 @@ def evaluate_run(run_dir: str | Path, *, baselines: bool | None = None) -> dict[
     results: dict[str, Any] = {"run_dir": str(run_dir), "step": int(state["step"])}
     start = time.perf_counter()
     tr, ytr, te, yte = features_of(encoder)
-    results["trained"] = {name: probe((tr[name], ytr), (te[name], yte), num_classes, cfg)
-                          for name in tr}
-    results["collapse"] = {
-        name: collapse_report(te[name]) for name in te if name != "concat"
+    results["trained"] = {
+        name: probe((tr[name], ytr), (te[name], yte), num_classes, cfg) for name in tr
     }
+    results["collapse"] = {name: collapse_report(te[name]) for name in te if name != "concat"}
     if cfg.eval.baselines if baselines is None else baselines:
         encoder.load_state_dict(random_state)
         tr, ytr, te, yte = features_of(encoder)
@@ -109,8 +108,10 @@ def evaluate_run(run_dir: str | Path, *, baselines: bool | None = None) -> dict[
         pix_kw = dict(mean=mean, std=std, image_size=d.image_size)
         results["pixels"] = {
             "pixels": probe(
-                pixel_features(train_set, **pix_kw), pixel_features(test_set, **pix_kw),
-                num_classes, cfg,
+                pixel_features(train_set, **pix_kw),
+                pixel_features(test_set, **pix_kw),
+                num_classes,
+                cfg,
             )
         }
     results["seconds"] = time.perf_counter() - start
@@ -124,7 +125,9 @@ def format_table(results: dict[str, Any]) -> str:
         for name, accs in results.get(group, {}).items():
             linear = f"{accs['linear']:.4f}" if "linear" in accs else "-"
             rows.append(f"| {group:<11} | {name:<7} | {accs['knn']:.4f} | {linear:>6} |")
-    header = "| encoder     | feature | kNN    | linear |\n|-------------|---------|--------|--------|"
+    header = (
+        "| encoder     | feature | kNN    | linear |\n|-------------|---------|--------|--------|"
+    )
     collapsed = [n for n, r in results.get("collapse", {}).items() if r["collapsed"]]
     note = f"\nWARNING: collapsed features at {', '.join(collapsed)}" if collapsed else ""
     return header + "\n" + "\n".join(rows) + note

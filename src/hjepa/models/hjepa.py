@@ -91,14 +91,12 @@ class HJEPA(nn.Module):
         context_index = masks.context_index()
         context = self.context_encoder(images, keep=context_index)
         predictions, targets = [], []
-        raw_by_block: dict[int, tuple[Tensor, Tensor]] = {}
         for lvl in range(self.levels):
             block = masks.level_blocks[lvl]
-            key = id(block)  # constant mode shares one footprint: one predictor pass
-            if key not in raw_by_block:
+            # Constant mode shares the level-0 footprint: one predictor pass serves every level.
+            if lvl == 0 or not torch.equal(block, masks.level_blocks[0]):
                 index = masks.target_index() if lvl == 0 else mask_to_index(block)
-                raw_by_block[key] = (self.predictor(context, context_index, index), index)
-            raw, index = raw_by_block[key]
+                raw = self.predictor(context, context_index, index)
             b, m = index.shape[:2]
             cells = masks.level_index(lvl)  # [B, M, K_l]
             if lvl == 0:
@@ -115,4 +113,3 @@ class HJEPA(nn.Module):
             predictions.append(pred)
             targets.append(target)
         return JEPAOutput(predictions, targets, context)
-

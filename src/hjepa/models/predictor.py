@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hjepa.models.vit import Block, gather_tokens, init_weights, rescale_residual_branches, sincos_2d
+from hjepa.models.vit import (
+    Block,
+    gather_tokens,
+    init_weights,
+    rescale_residual_branches,
+    sincos_2d,
+)
 
 
 class Predictor(nn.Module):
@@ -51,9 +57,7 @@ class Predictor(nn.Module):
         pos = self.pos_embed.to(context.dtype).expand(b, -1, -1)
         ctx = self.embed(context) + gather_tokens(pos, context_index)
         queries = self.mask_token + gather_tokens(pos, target_index.reshape(b, m * nt))
-        x = torch.cat(
-            [ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], dim=1
-        )
+        x = torch.cat([ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x[:, -nt:])

@@ -22,6 +22,7 @@ from hjepa.data.loader import EpochLoader
 from hjepa.data.masks import MultiBlockMaskSampler
 from hjepa.data.normalize import channel_stats
 from hjepa.losses.prediction import prediction_loss
+from hjepa.losses.sigreg import SIGReg
 from hjepa.models.hjepa import HJEPA
 from hjepa.train import checkpoint as ckpt
 from hjepa.train.ema import ema_update
@@ -124,6 +125,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.trainable_modules(), cfg.optim)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.weights = level_weights(cfg)
+        self.sigreg = SIGReg(cfg.loss.sigreg_slices) if cfg.loss.regularizer == "sigreg" else None
         self.step = 0
 
     # -- schedules -------------------------------------------------------------------------
@@ -208,6 +210,10 @@ class Trainer:
             loss, per_level = prediction_loss(
                 out.predictions, out.targets, self.weights, self.cfg.loss.distance
             )
+            if self.sigreg is not None:
+                reg = self.sigreg(out.context.flatten(0, 1), step=self.step)
+                loss = loss + self.cfg.loss.sigreg_weight * reg
+                per_level = [*per_level, reg]
         self.scaler.scale(loss / self.cfg.train.accum_steps).backward()
         return loss.detach(), [p.detach() for p in per_level]
 
@@ -279,7 +285,11 @@ class Trainer:
                 values = mean_terms.tolist()
                 last = {
                     "loss": values[0],
-                    **{f"loss_level{i}": v for i, v in enumerate(values[1:])},
+                    **{
+                        f"loss_level{i}": v
+                        for i, v in enumerate(values[1 : 1 + self.cfg.model.levels])
+                    },
+                    **({"sigreg": values[-1]} if self.sigreg is not None else {}),
                     "lr": lr,
                     "weight_decay": self.wd_at(self.step - 1),
                     "ema_momentum": momentum,
