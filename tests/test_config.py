@@ -70,6 +70,9 @@ def test_values_are_type_checked_and_choices_enforced():
     with pytest.raises(ConfigError, match="constant"):
         load_config(None, ["masking.scale_mode=linear"])
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(None, ["optim.lr=2e-3"]).optim.lr == 0.002
+    with pytest.raises(ConfigError, match="number"):
+        load_config(None, ["optim.lr=fast"])
 
 
 def test_contradictions_fail_fast():

@@ -210,6 +210,8 @@ def test_corrupt_rejects_bad_input():
         corrupt((x * 255).to(torch.uint8), "contrast", 1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         corrupt(x - 0.5, "contrast", 1)
+    with pytest.raises(ValueError, match="finite"):
+        corrupt(torch.full((1, 3, 8, 8), float("nan")), "contrast", 1)
 
 
 def test_corruption_error_matches_hand_computation():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: Weight-decay grid searched by default (standardised features, mean cross-entropy).
-DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 #: L-BFGS iterations per fit; each costs about one full-batch forward/backward pass.
 DEFAULT_MAX_ITER = 100
 

@@ -133,8 +133,7 @@ def _box_downsample_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
 def _pixelate(x: Tensor, c: float, generator: torch.Generator) -> Tensor:
     # Average down to a fraction c of the size, then blow the coarse pixels back up as
     # blocks (each output pixel takes the coarse pixel under its centre, as Pillow's BOX
-    # upscaling does). Area-exact averaging, unlike whole-pixel adaptive pooling, keeps
-    # the damage growing steadily as c shrinks.
+    # upscaling does).
     h, w = x.shape[-2:]
     rows = _box_downsample_matrix(h, max(1, int(h * c)), x)
     cols = _box_downsample_matrix(w, max(1, int(w * c)), x)
@@ -184,10 +183,12 @@ def _check_images(images: Tensor) -> None:
             f"corrupt: images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}; "
             f"got {tuple(images.shape[-2:])}."
         )
-    if images.numel() and (images.min() < 0 or images.max() > 1):
+    if images.numel() and not (
+        torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    ):
         raise ValueError(
-            "corrupt: image values must lie in [0, 1]; corrupt before normalising "
-            "with the dataset mean/std."
+            "corrupt: image values must be finite and lie in [0, 1]; corrupt before "
+            "normalising with the dataset mean/std."
         )
 
 
@@ -206,6 +207,8 @@ def corrupt(images: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
     ):
         raise ValueError(f"corrupt: severity must be an integer in 1..5; got {severity!r}.")
     _check_images(images)
+    if images.shape[0] == 0:
+        return images.clone()
     # float32 at least so noise and blur are not rounded away in half precision.
     x = images.to(torch.promote_types(images.dtype, torch.float32))
     generator = torch.Generator().manual_seed(seed)

@@ -36,6 +36,7 @@ and never stores an :math:`N \times K \times P` tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -118,6 +119,30 @@ def _frequency_split(num_freqs: int) -> tuple[int, int]:
     return -(-num_freqs // inner), inner
 
 
+@functools.lru_cache(maxsize=32)
+def _split_angles(
+    num_freqs: int, dt: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multipliers ``a * B * dt`` (a = 1..A-1) and ``b * dt`` (b = 1..B) as [1, M, 1], and
+    every ``j * dt`` (j = 1..J)."""
+    outer, inner = _frequency_split(num_freqs)
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        outer_freqs = torch.arange(1, outer, dtype=dtype, device=device) * (inner * dt)
+        inner_freqs = torch.arange(1, inner + 1, dtype=dtype, device=device) * dt
+        all_freqs = torch.arange(1, num_freqs + 1, dtype=dtype, device=device) * dt
+    return outer_freqs.view(1, -1, 1), inner_freqs.view(1, -1, 1), all_freqs
+
+
+@functools.lru_cache(maxsize=32)
+def _statistic_constants(
+    num_points: int, t_max: float, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nodes, weights and Gaussian target for j >= 1 (the j = 0 term is exactly zero)."""
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        t, weights, target = quadrature(num_points, t_max, dtype=dtype, device=device)
+    return t[1:], weights[1:], target[1:]
+
+
 class _TrigBasis:
     """Trig factors of the split ``j = a * B + b`` for chunks of slice-major projections.
 
@@ -133,8 +158,7 @@ class _TrigBasis:
         num_samples = x_cols.shape[1]
         self.chunk = chunk = max(1, min(x_cols.shape[0], budget // (2 * inner * num_samples)))
         opts = {"dtype": x_cols.dtype, "device": x_cols.device}
-        self._outer_freqs = (torch.arange(1, outer, **opts) * (inner * dt)).view(1, -1, 1)
-        self._inner_freqs = (torch.arange(1, inner + 1, **opts) * dt).view(1, -1, 1)
+        self._outer_freqs, self._inner_freqs, _ = _split_angles(num_freqs, dt, **opts)
         self._outer_angles = torch.empty(chunk, outer - 1, num_samples, **opts)
         self._inner_angles = torch.empty(chunk, inner, num_samples, **opts)
         self._left = torch.empty(chunk, 2 * outer, num_samples, **opts)
@@ -192,7 +216,7 @@ def _trig_sums_grad(
     """
     basis = _TrigBasis(x_cols, dt, num_freqs)
     outer, inner = basis.outer, basis.inner
-    freqs = torch.arange(1, num_freqs + 1, dtype=x_cols.dtype, device=x_cols.device) * dt
+    _, _, freqs = _split_angles(num_freqs, dt, x_cols.dtype, x_cols.device)
     pad = outer * inner - num_freqs
     alpha = nn.functional.pad(grad_sin * freqs, (0, pad)).view(-1, outer, inner)
     beta = nn.functional.pad(-grad_cos * freqs, (0, pad)).view(-1, outer, inner)
@@ -247,16 +271,18 @@ def epps_pulley(
         num_freqs = num_points - 1
         dt = t_max / num_freqs
         cos_sums, sin_sums = _TrigSums.apply(x.mT.contiguous(), dt, num_freqs)
-        count = torch.full((1,), float(x.shape[0]), dtype=x.dtype, device=x.device)
+        count: Tensor | float = float(x.shape[0])
         if distributed and is_distributed():
             # One collective for both sums and the sample count (shards may differ in size).
-            packed = all_reduce_sum(torch.cat((cos_sums.flatten(), sin_sums.flatten(), count)))
+            local_count = torch.full((1,), count, dtype=x.dtype, device=x.device)
+            packed = torch.cat((cos_sums.flatten(), sin_sums.flatten(), local_count))
+            packed = all_reduce_sum(packed)
             cos_sums, sin_sums = packed[:-1].view(2, *cos_sums.shape).unbind(0)
             count = packed[-1:].detach()
-        _, weights, target = quadrature(num_points, t_max, dtype=x.dtype, device=x.device)
+        _, weights, target = _statistic_constants(num_points, t_max, x.dtype, x.device)
         cos_mean, sin_mean = cos_sums / count, sin_sums / count
-        deviation = (cos_mean - target[1:]).square() + sin_mean.square()
-        return count * (deviation * weights[1:]).sum(-1)
+        deviation = (cos_mean - target).square() + sin_mean.square()
+        return count * (deviation * weights).sum(-1)
 
 
 def epps_pulley_reference(x: Tensor, num_points: int = 17, t_max: float = 3.0) -> Tensor:
@@ -272,6 +298,15 @@ def epps_pulley_reference(x: Tensor, num_points: int = 17, t_max: float = 3.0) -
         cos_mean, sin_mean = tx.cos().mean(0), tx.sin().mean(0)
         deviation = (cos_mean - target).square() + sin_mean.square()
         return x.shape[0] * (deviation * weights).sum(-1)
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """SplitMix64 of (seed, step): CPU generators keep only the low 32 bits of a seed."""
+    mask = (1 << 64) - 1
+    value = ((seed & mask) * 0x9E3779B97F4A7C15 + step) & mask
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
+    return value ^ (value >> 31)
 
 
 def random_directions(
@@ -295,7 +330,7 @@ def random_directions(
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generator = torch.Generator(device=gen_device)
-    generator.manual_seed((seed << 32) + step)
+    generator.manual_seed(_mix_seed(seed, step))
     d = torch.randn(dim, num_slices, generator=generator, dtype=dtype, device=gen_device)
     return (d / d.norm(dim=0, keepdim=True)).to(device)
 

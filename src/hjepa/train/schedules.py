@@ -9,7 +9,7 @@ import math
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start: float, peak: float, final: float):
-    """Linear ``start -> peak`` over ``warmup`` steps, then cosine down to ``final`` at ``total``."""
+    """Linear ``start -> peak`` over ``warmup`` steps, then cosine to ``final`` at ``total``."""
     if step < warmup:
         return start + (peak - start) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

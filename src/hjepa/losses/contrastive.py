@@ -1,0 +1,73 @@
+r"""C-JEPA contrastive term: SimCLR's NT-Xent between two views, and a small projector.
+
+For views :math:`z^{(1)}, z^{(2)} \in \mathbb{R}^{B \times D}` stacked into :math:`2B` unit
+vectors :math:`u_i`, with positive :math:`p(i)` the other view of the same image and cosine
+similarities :math:`s_{ik} = u_i^\top u_k / \tau`:
+
+.. math::
+    \mathcal{L} = \frac{1}{2B} \sum_{i=1}^{2B}
+        -\log \frac{e^{s_{i\,p(i)}}}{\sum_{k \ne i} e^{s_{ik}}} .
+
+Negatives are the other images of the local batch (no cross-rank gathering).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """Normalised-temperature cross-entropy over the ``2B`` embeddings of two views."""
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"nt_xent expects two views [B, D] of the same shape, got {tuple(z1.shape)} and "
+            f"{tuple(z2.shape)}; pool tokens to one embedding per image first"
+        )
+    if z1.shape[0] < 2:
+        raise ValueError("nt_xent needs at least 2 images per batch (the others are negatives)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch = z1.shape[0]
+    unit = F.normalize(torch.cat((z1, z2)).float(), dim=1)
+    logits = unit @ unit.mT / temperature
+    # A sample is never its own negative: drop the diagonal from the softmax.
+    logits = logits.masked_fill(
+        torch.eye(2 * batch, dtype=torch.bool, device=z1.device), -torch.inf
+    )
+    index = torch.arange(batch, device=z1.device)
+    positives = torch.cat((index + batch, index))
+    return F.cross_entropy(logits, positives)
+
+
+class ProjectionHead(nn.Module):
+    """``Linear -> norm -> GELU -> Linear`` projector for the contrastive embeddings.
+
+    Args:
+        in_dim: input width (the encoder's embedding dimension).
+        hidden_dim: hidden width.
+        out_dim: output width.
+        norm: ``"batch"`` (BatchNorm1d, SimCLR) or ``"layer"`` (LayerNorm, batch-size free).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, norm: str = "batch"
+    ) -> None:
+        super().__init__()
+        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
+        if min(in_dim, hidden_dim, out_dim) < 1:
+            raise ValueError("ProjectionHead dimensions must be positive")
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            norms[norm](hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2:
+            raise ValueError(f"ProjectionHead expects [B, D] inputs, got shape {tuple(x.shape)}")
+        return self.net(x)

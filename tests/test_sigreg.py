@@ -1,0 +1,237 @@
+"""SIGReg / Epps–Pulley: hand-computed values, invariants, gradients and DDP equivalence."""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hjepa.losses.sigreg import SIGReg, epps_pulley, epps_pulley_reference, random_directions
+
+
+def epps_pulley_by_hand(x: np.ndarray, num_points: int = 17, t_max: float = 3.0) -> np.ndarray:
+    """The statistic with plain loops over directions, nodes and samples."""
+    n, k = x.shape
+    dt = t_max / (num_points - 1)
+    out = np.zeros(k)
+    for col in range(k):
+        total = 0.0
+        for j in range(num_points):
+            t = j * dt
+            gauss = math.exp(-t * t / 2)
+            weight = dt * gauss if j in (0, num_points - 1) else 2 * dt * gauss
+            cos_mean = sum(math.cos(t * x[i, col]) for i in range(n)) / n
+            sin_mean = sum(math.sin(t * x[i, col]) for i in range(n)) / n
+            total += weight * ((cos_mean - gauss) ** 2 + sin_mean**2)
+        out[col] = n * total
+    return out
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("num_points,t_max", [(17, 3.0), (6, 2.0), (2, 1.5)])
+def test_epps_pulley_matches_hand_loops(num_points, t_max):
+    x = torch.randn(7, 4, generator=_gen(), dtype=torch.float64) * 1.5 + 0.3
+    expected = epps_pulley_by_hand(x.numpy(), num_points, t_max)
+    fast = epps_pulley(x, num_points, t_max).numpy()
+    direct = epps_pulley_reference(x, num_points, t_max).numpy()
+    np.testing.assert_allclose(fast, expected, rtol=1e-12)
+    np.testing.assert_allclose(direct, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape,num_points", [((64, 33), 17), ((300, 5), 17), ((9, 70), 26), ((16, 8), 3), ((5, 3), 10)]
+)
+def test_fast_equals_direct_formula(shape, num_points):
+    x = torch.randn(*shape, generator=_gen(1), dtype=torch.float64) * 2.0
+    reference = epps_pulley_reference(x, num_points)
+    torch.testing.assert_close(epps_pulley(x, num_points), reference, rtol=1e-10, atol=0)
+    # float32 against the float64 value: the fast path is as accurate as the direct one.
+    fast32 = epps_pulley(x.float(), num_points).double()
+    torch.testing.assert_close(fast32, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_standard_gaussian_gives_about_1_05_per_direction():
+    # E[EP] = sum_j w_j (1 - exp(-t_j^2)) ~ sqrt(2 pi) - sqrt(2 pi / 3) = 1.06 for N(0, 1).
+    x = torch.randn(4096, 64, generator=_gen(2), dtype=torch.float64)
+    stat = epps_pulley(x)
+    assert stat.shape == (64,)
+    assert abs(stat.mean().item() - 1.05) < 0.15
+
+
+def test_collapsed_embeddings_are_heavily_penalised():
+    sigreg = SIGReg(num_slices=128)
+    row = torch.randn(1, 32, generator=_gen(3), dtype=torch.float64)
+    identical_rows = row.expand(256, 32)
+    rank_one = torch.randn(256, 1, generator=_gen(4), dtype=torch.float64) * row
+    healthy = torch.randn(256, 32, generator=_gen(5), dtype=torch.float64)
+    healthy_value = sigreg(healthy, step=0).item()
+    assert healthy_value < 2.0
+    assert sigreg(identical_rows, step=0).item() > 10 * healthy_value
+    assert sigreg(rank_one, step=0).item() > 10 * healthy_value
+
+
+def test_statistic_is_invariant_to_sample_order():
+    x = torch.randn(50, 6, generator=_gen(6), dtype=torch.float64)
+    shuffled = x[torch.randperm(50, generator=_gen(7))]
+    torch.testing.assert_close(epps_pulley(shuffled), epps_pulley(x), rtol=1e-12, atol=0)
+
+
+def test_gradcheck_fast_statistic():
+    x = torch.randn(5, 3, generator=_gen(8), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: epps_pulley(v), (x,))
+    assert torch.autograd.gradcheck(lambda v: epps_pulley(v, num_points=7, t_max=2.0), (x,))
+
+
+def test_gradcheck_sigreg_through_projection():
+    z = torch.randn(6, 4, generator=_gen(9), dtype=torch.float64, requires_grad=True)
+    directions = random_directions(4, 5, step=3, dtype=torch.float64)
+    sigreg = SIGReg(num_slices=5)
+    assert torch.autograd.gradcheck(lambda v: sigreg(v, directions), (z,))
+
+
+def test_fast_gradient_equals_direct_gradient():
+    x = torch.randn(40, 12, generator=_gen(10), dtype=torch.float64)
+    weights = torch.rand(12, generator=_gen(11), dtype=torch.float64)
+    grads = []
+    for fn in (epps_pulley, epps_pulley_reference):
+        leaf = x.clone().requires_grad_()
+        (fn(leaf) * weights).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_one_gradient_step_moves_away_from_collapse():
+    sigreg = SIGReg(num_slices=64)
+    z = (0.01 * torch.randn(128, 16, generator=_gen(12), dtype=torch.float64)).requires_grad_()
+    loss = sigreg(z, step=0)
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+    with torch.no_grad():
+        stepped = z - 1e-3 * z.grad
+    assert stepped.std().item() > z.std().item()
+    assert sigreg(stepped, step=0).item() < loss.item()
+
+
+def test_directions_are_seeded_by_step_and_unit_norm():
+    a = random_directions(24, 40, step=5)
+    assert a.shape == (24, 40)
+    torch.testing.assert_close(a, random_directions(24, 40, step=5), rtol=0, atol=0)
+    assert not torch.allclose(a, random_directions(24, 40, step=6))
+    assert not torch.allclose(a, random_directions(24, 40, step=5, seed=1))
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(40), rtol=0, atol=1e-6)
+
+
+def test_sigreg_uses_the_directions_of_its_step():
+    z = torch.randn(32, 8, generator=_gen(13), dtype=torch.float64)
+    sigreg = SIGReg(num_slices=16, seed=2)
+    directions = random_directions(8, 16, step=11, seed=2, dtype=torch.float64)
+    expected = epps_pulley_reference(z @ directions).mean()
+    torch.testing.assert_close(sigreg(z, step=11), expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(sigreg(z, directions), expected, rtol=1e-10, atol=0)
+    assert sigreg(z, step=12).item() != sigreg(z, step=11).item()
+
+
+def test_half_precision_is_computed_in_float32():
+    z = torch.randn(64, 16, generator=_gen(14))
+    sigreg = SIGReg(num_slices=32)
+    value = sigreg(z.bfloat16(), step=0)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, sigreg(z.bfloat16().float(), step=0))
+
+
+def test_first_call_under_inference_mode_does_not_break_training():
+    x = torch.randn(10, 3, generator=_gen(16), dtype=torch.float64)
+    with torch.inference_mode():
+        expected = epps_pulley(x, num_points=9, t_max=2.5)  # constants are cached here first
+    leaf = x.clone().requires_grad_()
+    value = epps_pulley(leaf, num_points=9, t_max=2.5)
+    value.sum().backward()
+    torch.testing.assert_close(value.detach(), expected)
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    sigreg = SIGReg(num_slices=4)
+    with pytest.raises(ValueError, match="step"):
+        sigreg(torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        sigreg(torch.randn(2, 8, 3), step=0)
+    with pytest.raises(ValueError, match="directions"):
+        sigreg(torch.randn(8, 3), torch.randn(4, 4))
+    with pytest.raises(ValueError, match="num_points"):
+        epps_pulley(torch.randn(8, 3), num_points=1)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        epps_pulley(torch.randn(8))
+    with pytest.raises(ValueError, match="num_slices"):
+        SIGReg(num_slices=0)
+
+
+# --- DDP: two gloo processes, forked so that no process re-imports torch -----------------------
+
+_SHARDS = (5, 7)  # unequal on purpose: N is the global batch size, not world_size * local size
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        x, projection, directions = _ddp_inputs()
+        start = sum(_SHARDS[:rank])
+        shard = x[start : start + _SHARDS[rank]].clone().requires_grad_()
+        weight = projection.clone().requires_grad_()
+        loss = SIGReg(num_slices=directions.shape[1])(shard @ weight, directions)
+        loss.backward()
+        torch.save(
+            {"loss": loss.detach(), "shard_grad": shard.grad, "weight_grad": weight.grad},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _gen(15)
+    x = torch.randn(sum(_SHARDS), 6, generator=g, dtype=torch.float64)
+    projection = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    return x, projection, random_directions(5, 9, step=4, dtype=torch.float64)
+
+
+def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path):
+    world = len(_SHARDS)
+    mp.start_processes(
+        _ddp_worker,
+        args=(world, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=world,
+        start_method="fork",
+    )
+    x, projection, directions = _ddp_inputs()
+    x = x.clone().requires_grad_()
+    weight = projection.clone().requires_grad_()
+    loss = SIGReg(num_slices=directions.shape[1])(x @ weight, directions)
+    loss.backward()
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    shard_grads = x.grad.split(_SHARDS)
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["loss"], loss.detach(), rtol=0, atol=1e-12)
+        # Every rank back-propagates the same global loss and the all-reduce backward sums
+        # over ranks, so a rank's shard gradient is world_size x its slice of the gradient;
+        # DDP's gradient averaging divides it back.
+        torch.testing.assert_close(res["shard_grad"] / world, shard_grads[r], rtol=0, atol=1e-6)
+    # What DDP does with parameter gradients: average them. That must be the true gradient.
+    averaged = sum(res["weight_grad"] for res in results) / world
+    torch.testing.assert_close(averaged, weight.grad, rtol=0, atol=1e-6)
