@@ -60,9 +60,10 @@ def test_fast_equals_direct_formula(shape, num_points):
 
 def test_standard_gaussian_gives_about_1_05_per_direction():
     # E[EP] = sum_j w_j (1 - exp(-t_j^2)) ~ sqrt(2 pi) - sqrt(2 pi / 3) = 1.06 for N(0, 1).
-    x = torch.randn(4096, 64, generator=_gen(2), dtype=torch.float64)
+    # Per direction the statistic has std ~0.95, so average 1024 independent columns (std 0.03).
+    x = torch.randn(2048, 1024, generator=_gen(2), dtype=torch.float64)
     stat = epps_pulley(x)
-    assert stat.shape == (64,)
+    assert stat.shape == (1024,)
     assert abs(stat.mean().item() - 1.05) < 0.15
 
 

@@ -182,9 +182,16 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         shard = _ddp_inputs().chunk(world)[rank].clone().requires_grad_()
         terms = VICReg()(shard)
         terms["total"].backward()
-        mean = all_reduce_mean(torch.tensor([float(rank)], dtype=torch.float64))
+        value = torch.tensor([float(rank)], dtype=torch.float64, requires_grad=True)
+        mean = all_reduce_mean(value)
+        (mean * (rank + 1)).sum().backward()  # rank-dependent losses 1 * mean and 2 * mean
         torch.save(
-            {"total": terms["total"].detach(), "grad": shard.grad, "mean": mean},
+            {
+                "total": terms["total"].detach(),
+                "grad": shard.grad,
+                "mean": mean.detach(),
+                "mean_grad": value.grad,
+            },
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -208,3 +215,5 @@ def test_ddp_vicreg_uses_the_global_batch(tmp_path):
         # all_gather's backward sums over ranks: world_size x the slice (DDP averages it back).
         torch.testing.assert_close(res["grad"] / world, part, rtol=0, atol=1e-6)
         assert res["mean"].item() == pytest.approx(0.5)
+        # d(sum over ranks of (r + 1) * mean)/d value_r = (1 + 2) / 2 on every rank.
+        assert res["mean_grad"].item() == pytest.approx(1.5)

@@ -27,10 +27,17 @@ Fast evaluation. The :math:`j = 0` term is exactly zero. For :math:`j \ge 1` wri
 
 turn the :math:`2(P-1)` sums over samples into one small matrix product per direction,
 :math:`[\cos aB\theta; \sin aB\theta]\,[\cos b\theta; \sin b\theta]^\top` (a :math:`2A \times
-2B` result), so only :math:`2(A + B)` cosines/sines per element are evaluated instead of
-:math:`2P`, no recurrence accumulates rounding error, and the reduction over samples runs as a
-batched GEMM. The backward pass uses the same factorisation through a custom autograd function
-and never stores an :math:`N \times K \times P` tensor.
+2B` result): only :math:`2(A + B)` cosines per element are evaluated instead of :math:`2P`
+(sines as :math:`\cos(\cdot - \pi/2)`, so one kernel fills the whole basis), no recurrence
+accumulates rounding error, and the reduction over samples runs as a batched GEMM. The
+gradient has the closed form
+
+.. math::
+    \frac{\partial\,\mathrm{EP}}{\partial x_n} = \sum_j 2 w_j t_j \big[\bar s_j \cos(t_j x_n)
+        - (\bar c_j - e^{-t_j^2/2}) \sin(t_j x_n)\big]
+
+(:math:`\bar c_j, \bar s_j` the empirical means), evaluated with the same factorisation in a
+custom autograd function: no :math:`N \times K \times P` tensor is ever stored.
 """
 
 from __future__ import annotations
@@ -39,17 +46,19 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hjepa.losses.distributed import all_reduce_sum, is_distributed
+from hjepa.losses.distributed import is_distributed
 
 # Largest temporary per chunk of directions, in elements. On CPU a small working set stays in
 # cache (and avoids page faults on large fresh allocations); on accelerators one chunk is best,
 # since every chunk costs about a dozen kernel launches.
-_CPU_CHUNK_ELEMENTS = 1 << 18
+_CPU_CHUNK_ELEMENTS = 1 << 17
 _ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -119,133 +128,147 @@ def _frequency_split(num_freqs: int) -> tuple[int, int]:
     return -(-num_freqs // inner), inner
 
 
+class _Layout(NamedTuple):
+    """Constants of the split for given (num_points, t_max, dtype, device)."""
+
+    outer: int  # A
+    inner: int  # B
+    num_freqs: int  # J = num_points - 1
+    multiples: Tensor  # [1, 2A + 2B, 1]: a*B*dt (cos), a*B*dt (sin), b*dt (cos), b*dt (sin)
+    phases: Tensor  # [1, 2A + 2B, 1]: 0 for cosine rows, -pi/2 for sine rows
+    weights: Tensor  # [J] trapezoid weights w_j, j >= 1
+    target: Tensor  # [J] exp(-t_j^2 / 2)
+    grad_scale: Tensor  # [2J] 2 w_j t_j, twice
+    scatter: Tensor  # [2J, 4AB]: (alpha, beta) -> G = [[alpha, beta], [beta, -alpha]]
+
+
 @functools.lru_cache(maxsize=32)
-def _split_angles(
-    num_freqs: int, dt: float, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Multipliers ``a * B * dt`` (a = 1..A-1) and ``b * dt`` (b = 1..B) as [1, M, 1], and
-    every ``j * dt`` (j = 1..J)."""
+def _layout(num_points: int, t_max: float, dtype: torch.dtype, device: torch.device) -> _Layout:
+    num_freqs = num_points - 1
+    dt = t_max / num_freqs
     outer, inner = _frequency_split(num_freqs)
     with torch.inference_mode(False):  # cached: must stay usable outside inference mode
-        outer_freqs = torch.arange(1, outer, dtype=dtype, device=device) * (inner * dt)
-        inner_freqs = torch.arange(1, inner + 1, dtype=dtype, device=device) * dt
-        all_freqs = torch.arange(1, num_freqs + 1, dtype=dtype, device=device) * dt
-    return outer_freqs.view(1, -1, 1), inner_freqs.view(1, -1, 1), all_freqs
-
-
-@functools.lru_cache(maxsize=32)
-def _statistic_constants(
-    num_points: int, t_max: float, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Nodes, weights and Gaussian target for j >= 1 (the j = 0 term is exactly zero)."""
-    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
         t, weights, target = quadrature(num_points, t_max, dtype=dtype, device=device)
-    return t[1:], weights[1:], target[1:]
+        t, weights, target = t[1:], weights[1:], target[1:]
+        opts = {"dtype": dtype, "device": device}
+        outer_mult = [a * inner * dt for a in range(outer)]
+        inner_mult = [b * dt for b in range(1, inner + 1)]
+        multiples = torch.tensor(2 * outer_mult + 2 * inner_mult, **opts).view(1, -1, 1)
+        sine = -math.pi / 2  # sin(u) = cos(u - pi/2)
+        phases = [0.0] * outer + [sine] * outer + [0.0] * inner + [sine] * inner
+        phases = torch.tensor(phases, **opts).view(1, -1, 1)
+        scatter = torch.zeros(2 * num_freqs, 2 * outer, 2 * inner, **opts)
+        for j in range(num_freqs):
+            a, b = divmod(j, inner)  # frequency j + 1 = a * B + (b + 1)
+            scatter[j, a, b] = scatter[num_freqs + j, a, inner + b] = 1.0  # alpha, beta
+            scatter[num_freqs + j, outer + a, b] = 1.0  # beta
+            scatter[j, outer + a, inner + b] = -1.0  # -alpha
+        grad_scale = (2 * weights * t).repeat(2)
+    return _Layout(
+        outer, inner, num_freqs, multiples, phases, weights, target, grad_scale,
+        scatter.view(2 * num_freqs, -1),
+    )  # fmt: skip
 
 
-class _TrigBasis:
-    """Trig factors of the split ``j = a * B + b`` for chunks of slice-major projections.
-
-    For a chunk ``x [S, N]`` it fills ``left = [cos(aB dt x); sin(aB dt x)]`` ``[S, 2A, N]``
-    (a = 0..A-1) and ``right = [cos(b dt x); sin(b dt x)]`` ``[S, 2B, N]`` (b = 1..B). The
-    buffers are allocated once per call and reused by every chunk (fresh large allocations per
-    chunk cost more than the arithmetic on CPU); the constant ``a = 0`` rows are filled once.
+class _Basis:
+    """Fills ``[cos aB theta; sin aB theta]`` (a = 0..A-1) and ``[cos b theta; sin b theta]``
+    (b = 1..B) for chunks of slice-major projections ``[S, N]`` with one multiply-add and one
+    cosine. The buffer is allocated once per call and reused by every chunk: fresh large
+    allocations per chunk cost more than the arithmetic on CPU.
     """
 
-    def __init__(self, x_cols: Tensor, dt: float, num_freqs: int) -> None:
-        self.outer, self.inner = outer, inner = _frequency_split(num_freqs)
+    def __init__(self, x_cols: Tensor, layout: _Layout) -> None:
+        self.layout = layout
+        rows = layout.multiples.shape[1]
         budget = _CPU_CHUNK_ELEMENTS if x_cols.device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
-        num_samples = x_cols.shape[1]
-        self.chunk = chunk = max(1, min(x_cols.shape[0], budget // (2 * inner * num_samples)))
-        opts = {"dtype": x_cols.dtype, "device": x_cols.device}
-        self._outer_freqs, self._inner_freqs, _ = _split_angles(num_freqs, dt, **opts)
-        self._outer_angles = torch.empty(chunk, outer - 1, num_samples, **opts)
-        self._inner_angles = torch.empty(chunk, inner, num_samples, **opts)
-        self._left = torch.empty(chunk, 2 * outer, num_samples, **opts)
-        self._left[:, 0].fill_(1.0)  # cos(0)
-        self._left[:, outer].fill_(0.0)  # sin(0)
-        self._right = torch.empty(chunk, 2 * inner, num_samples, **opts)
+        self.chunk = max(1, min(x_cols.shape[0], budget // (rows * x_cols.shape[1])))
+        self._buffer = x_cols.new_empty(self.chunk, rows, x_cols.shape[1])
 
     def __call__(self, block: Tensor) -> tuple[Tensor, Tensor]:
-        rows, outer = block.shape[0], self.outer
-        left, right = self._left[:rows], self._right[:rows]
-        if outer > 1:
-            angles = torch.mul(block.unsqueeze(1), self._outer_freqs, out=self._outer_angles[:rows])
-            torch.cos(angles, out=left[:, 1:outer])
-            torch.sin(angles, out=left[:, outer + 1 :])
-        angles = torch.mul(block.unsqueeze(1), self._inner_freqs, out=self._inner_angles[:rows])
-        torch.cos(angles, out=right[:, : self.inner])
-        torch.sin(angles, out=right[:, self.inner :])
-        return left, right
-
-    def scratch(self, rows: int) -> Tensor:
-        """A buffer shaped like ``left`` for ``rows`` directions."""
-        return torch.empty_like(self._left[:rows])
+        layout = self.layout
+        basis = self._buffer[: block.shape[0]]
+        # mul + add_ rather than addcmul: the broadcast addcmul is 3x slower on CPU.
+        torch.mul(block.unsqueeze(1), layout.multiples, out=basis).add_(layout.phases).cos_()
+        return basis[:, : 2 * layout.outer], basis[:, 2 * layout.outer :]
 
 
-def _trig_sums(x_cols: Tensor, dt: float, num_freqs: int) -> tuple[Tensor, Tensor]:
-    r""":math:`\sum_n \cos(j\,dt\,x_{kn})` and :math:`\sum_n \sin(\cdot)`, j = 1..J: [K, J] each."""
-    basis = _TrigBasis(x_cols, dt, num_freqs)
-    outer, inner = basis.outer, basis.inner
-    prod = torch.empty(
-        x_cols.shape[0], 2 * outer, 2 * inner, dtype=x_cols.dtype, device=x_cols.device
-    )
+def _trig_sums(x_cols: Tensor, layout: _Layout) -> tuple[Tensor, Tensor]:
+    r""":math:`\sum_n \cos(t_j x_{kn})` and :math:`\sum_n \sin(t_j x_{kn})`, j >= 1: [K, J] each."""
+    outer, inner = layout.outer, layout.inner
+    basis = _Basis(x_cols, layout)
+    prod = x_cols.new_empty(x_cols.shape[0], 2 * outer, 2 * inner)
     for block, prod_block in zip(x_cols.split(basis.chunk), prod.split(basis.chunk)):
         left, right = basis(block)
-        torch.bmm(left, right.transpose(1, 2), out=prod_block)  # sums over samples
+        torch.bmm(left, right.mT, out=prod_block)  # [S, 2A, 2B]: sums over samples
     cc, cs = prod[:, :outer, :inner], prod[:, :outer, inner:]
     sc, ss = prod[:, outer:, :inner], prod[:, outer:, inner:]
-    cos_sums = (cc - ss).reshape(x_cols.shape[0], -1)[:, :num_freqs]
-    sin_sums = (sc + cs).reshape(x_cols.shape[0], -1)[:, :num_freqs]
+    num_freqs = layout.num_freqs
+    cos_sums = (cc - ss).flatten(1)[:, :num_freqs]
+    sin_sums = (sc + cs).flatten(1)[:, :num_freqs]
     return cos_sums, sin_sums
 
 
-def _trig_sums_grad(
-    x_cols: Tensor, dt: float, num_freqs: int, grad_cos: Tensor, grad_sin: Tensor
-) -> Tensor:
-    r"""Vector-Jacobian product of :func:`_trig_sums`.
+def _trig_combination(x_cols: Tensor, layout: _Layout, coefficients: Tensor) -> Tensor:
+    r""":math:`\sum_j \alpha_{kj} \cos(t_j x_{kn}) + \beta_{kj} \sin(t_j x_{kn})`: [K, N].
 
-    .. math::
-        \frac{\partial L}{\partial x_{kn}} = \sum_j \alpha_{kj} \cos j\theta_{kn}
-            + \beta_{kj} \sin j\theta_{kn}, \quad
-        \alpha = j\,dt\,\frac{\partial L}{\partial S^{\sin}}, \quad
-        \beta = -j\,dt\,\frac{\partial L}{\partial S^{\cos}},
-
-    evaluated as :math:`\langle L_k, G_k R_k \rangle` with the factors of :class:`_TrigBasis`
-    and the :math:`2A \times 2B` coefficient matrix :math:`G = [[\alpha, \beta], [\beta, -\alpha]]`.
+    ``coefficients = [alpha, beta]`` ``[K, 2J]``; evaluated as :math:`\langle L_k, G_k R_k
+    \rangle` with the basis factors and :math:`G = [[\alpha, \beta], [\beta, -\alpha]]`.
     """
-    basis = _TrigBasis(x_cols, dt, num_freqs)
-    outer, inner = basis.outer, basis.inner
-    _, _, freqs = _split_angles(num_freqs, dt, x_cols.dtype, x_cols.device)
-    pad = outer * inner - num_freqs
-    alpha = nn.functional.pad(grad_sin * freqs, (0, pad)).view(-1, outer, inner)
-    beta = nn.functional.pad(-grad_cos * freqs, (0, pad)).view(-1, outer, inner)
-    mix = torch.cat((torch.cat((alpha, beta), 2), torch.cat((beta, -alpha), 2)), 1)
-    grad = torch.empty_like(x_cols)
-    mixed = basis.scratch(basis.chunk)
-    for block, mix_block, grad_block in zip(
-        x_cols.split(basis.chunk), mix.split(basis.chunk), grad.split(basis.chunk)
+    mix = (coefficients @ layout.scatter).view(-1, 2 * layout.outer, 2 * layout.inner)
+    basis = _Basis(x_cols, layout)
+    out = torch.empty_like(x_cols)
+    mixed = x_cols.new_empty(basis.chunk, 2 * layout.outer, x_cols.shape[1])
+    for block, mix_block, out_block in zip(
+        x_cols.split(basis.chunk), mix.split(basis.chunk), out.split(basis.chunk)
     ):
         left, right = basis(block)
-        torch.bmm(mix_block, right, out=mixed[: block.shape[0]])
-        torch.linalg.vecdot(left, mixed[: block.shape[0]], dim=1, out=grad_block)
-    return grad
+        mixed_block = torch.bmm(mix_block, right, out=mixed[: block.shape[0]])
+        torch.linalg.vecdot(left, mixed_block, dim=1, out=out_block)
+    return out
 
 
-class _TrigSums(torch.autograd.Function):
-    """Sums over samples of cos/sin(j * dt * x) for slice-major projections ``[K, N]``."""
+class _EppsPulley(torch.autograd.Function):
+    """Per-direction Epps–Pulley statistic of slice-major projections ``[K, N]``.
+
+    Under ``distributed`` the sums and counts are all-reduced in forward, and the incoming
+    gradients in backward: each rank then gets the sum over ranks of d(loss_r)/d(its shard),
+    exactly what autograd through a differentiable all-reduce would give (see
+    :mod:`hjepa.losses.distributed`). Plain collectives are right here because this function
+    defines the cross-rank backward itself.
+    """
 
     @staticmethod
-    def forward(ctx, x_cols: Tensor, dt: float, num_freqs: int) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(x_cols)
-        ctx.dt, ctx.num_freqs = dt, num_freqs
-        return _trig_sums(x_cols, dt, num_freqs)
+    def forward(ctx, x_cols: Tensor, num_points: int, t_max: float, distributed: bool) -> Tensor:
+        with _full_precision(x_cols.device):
+            layout = _layout(num_points, t_max, x_cols.dtype, x_cols.device)
+            cos_sums, sin_sums = _trig_sums(x_cols, layout)
+            count: Tensor | float = float(x_cols.shape[1])
+            if distributed:
+                # One collective for both sums and the sample count (shards may differ).
+                packed = torch.cat(
+                    (cos_sums.flatten(), sin_sums.flatten(), cos_sums.new_tensor([count]))
+                )
+                dist.all_reduce(packed)
+                cos_sums, sin_sums = packed[:-1].view(2, *cos_sums.shape).unbind(0)
+                count = packed[-1]
+            cos_dev = cos_sums / count - layout.target
+            sin_mean = sin_sums / count
+            statistic = count * ((cos_dev.square() + sin_mean.square()) @ layout.weights)
+        ctx.save_for_backward(x_cols, torch.cat((sin_mean, -cos_dev), 1))
+        ctx.layout, ctx.distributed = layout, distributed
+        return statistic
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_cos: Tensor, grad_sin: Tensor) -> tuple[Tensor, None, None]:
-        (x_cols,) = ctx.saved_tensors
-        return _trig_sums_grad(x_cols, ctx.dt, ctx.num_freqs, grad_cos, grad_sin), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        x_cols, deviations = ctx.saved_tensors
+        with _full_precision(x_cols.device):
+            if ctx.distributed:
+                grad = grad.clone()
+                dist.all_reduce(grad)
+            # d EP / d x_n = sum_j 2 w_j t_j [s_j cos(t_j x_n) - (c_j - phi_j) sin(t_j x_n)]
+            coefficients = deviations * grad.unsqueeze(1) * ctx.layout.grad_scale
+            return _trig_combination(x_cols, ctx.layout, coefficients), None, None, None
 
 
 def epps_pulley(
@@ -266,23 +289,9 @@ def epps_pulley(
     """
     _check_projections(x)
     _check_statistic_args(num_points, t_max)
-    with _full_precision(x.device):
-        x = _compute_dtype(x)
-        num_freqs = num_points - 1
-        dt = t_max / num_freqs
-        cos_sums, sin_sums = _TrigSums.apply(x.mT.contiguous(), dt, num_freqs)
-        count: Tensor | float = float(x.shape[0])
-        if distributed and is_distributed():
-            # One collective for both sums and the sample count (shards may differ in size).
-            local_count = torch.full((1,), count, dtype=x.dtype, device=x.device)
-            packed = torch.cat((cos_sums.flatten(), sin_sums.flatten(), local_count))
-            packed = all_reduce_sum(packed)
-            cos_sums, sin_sums = packed[:-1].view(2, *cos_sums.shape).unbind(0)
-            count = packed[-1:].detach()
-        _, weights, target = _statistic_constants(num_points, t_max, x.dtype, x.device)
-        cos_mean, sin_mean = cos_sums / count, sin_sums / count
-        deviation = (cos_mean - target).square() + sin_mean.square()
-        return count * (deviation * weights).sum(-1)
+    x = _compute_dtype(x)
+    sync = distributed and is_distributed()
+    return _EppsPulley.apply(x.mT.contiguous(), num_points, float(t_max), sync)
 
 
 def epps_pulley_reference(x: Tensor, num_points: int = 17, t_max: float = 3.0) -> Tensor:
