@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import hjepa.losses.sigreg as sigreg_module
 from hjepa.losses.sigreg import SIGReg, epps_pulley, epps_pulley_reference, random_directions
 
 
@@ -56,6 +57,20 @@ def test_fast_equals_direct_formula(shape, num_points):
     # float32 against the float64 value: the fast path is as accurate as the direct one.
     fast32 = epps_pulley(x.float(), num_points).double()
     torch.testing.assert_close(fast32, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_evaluation_matches_reference(monkeypatch):
+    # Force chunks of 3 directions (the last one ragged) through the CPU working-set budget.
+    x = torch.randn(20, 10, generator=_gen(17), dtype=torch.float64)
+    monkeypatch.setattr(sigreg_module, "_CPU_CHUNK_ELEMENTS", 16 * 20 * 3)
+    grads = []
+    for fn in (epps_pulley, epps_pulley_reference):
+        leaf = x.clone().requires_grad_()
+        value = fn(leaf)
+        (value * torch.arange(1.0, 11.0, dtype=torch.float64)).sum().backward()
+        grads.append((value.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
 
 
 def test_standard_gaussian_gives_about_1_05_per_direction():
@@ -173,6 +188,8 @@ def test_bad_inputs_raise_clear_errors():
         epps_pulley(torch.randn(8))
     with pytest.raises(ValueError, match="num_slices"):
         SIGReg(num_slices=0)
+    with pytest.raises(ValueError, match="step"):
+        random_directions(3, 2, step=-1)
 
 
 # --- DDP: two gloo processes, forked so that no process re-imports torch -----------------------

@@ -68,15 +68,23 @@ def test_vicreg_module_combines_terms_with_paper_weights():
     var = (variance_loss(z1) + variance_loss(z2)) / 2
     cov = (covariance_loss(z1) + covariance_loss(z2)) / 2
     inv = invariance_loss(z1, z2)
-    torch.testing.assert_close(out["variance"].double(), var)
-    torch.testing.assert_close(out["covariance"].double(), cov)
-    torch.testing.assert_close(out["invariance"].double(), inv)
-    torch.testing.assert_close(out["total"].double(), 25 * inv + 25 * var + cov)
+    exact = {"rtol": 1e-12, "atol": 0.0}
+    torch.testing.assert_close(out["variance"], var, **exact)
+    torch.testing.assert_close(out["covariance"], cov, **exact)
+    torch.testing.assert_close(out["invariance"], inv, **exact)
+    torch.testing.assert_close(out["total"], 25 * inv + 25 * var + cov, **exact)
 
     single = VICReg(var_weight=2.0, cov_weight=3.0)(z1)
     assert "invariance" not in single
     expected = 2 * variance_loss(z1) + 3 * covariance_loss(z1)
-    torch.testing.assert_close(single["total"].double(), expected)
+    torch.testing.assert_close(single["total"], expected, **exact)
+
+
+def test_vicreg_computes_half_precision_in_float32():
+    z = torch.randn(16, 8, generator=_gen(11)).bfloat16()
+    out = VICReg()(z)
+    assert out["total"].dtype == torch.float32
+    torch.testing.assert_close(out["total"], VICReg()(z.float())["total"])
 
 
 def test_vicreg_penalises_collapse_and_its_gradient_spreads_embeddings():
@@ -129,7 +137,7 @@ def test_nt_xent_matches_loops(temperature):
     z1 = torch.randn(5, 3, generator=_gen(5), dtype=torch.float64)
     z2 = torch.randn(5, 3, generator=_gen(6), dtype=torch.float64)
     expected = nt_xent_by_hand(z1, z2, temperature)
-    assert nt_xent(z1, z2, temperature).item() == pytest.approx(expected, rel=1e-6)
+    assert nt_xent(z1, z2, temperature).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_nt_xent_properties():

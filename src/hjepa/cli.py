@@ -20,10 +20,60 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from hjepa.eval.runner import evaluate_run, format_table
+    from hjepa.experiments.report import write_eval_report
 
-    results = evaluate_run(args.run_dir, baselines=False if args.no_baselines else None)
+    overrides = list(args.overrides)
+    if args.transfer:
+        overrides.append(f"eval.transfer={json.dumps(args.transfer)}")
+    overrides += ["eval.low_shot=false"] if args.no_low_shot else []
+    overrides += ["eval.robustness=false"] if args.no_robustness else []
+    results = evaluate_run(
+        args.run_dir, baselines=False if args.no_baselines else None, overrides=overrides
+    )
     print(format_table(results))
-    print(f"wrote {args.run_dir}/eval.json")
+    report = write_eval_report(args.run_dir, results)
+    print(f"wrote {args.run_dir}/eval.json and {report}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from hjepa.experiments import ablate
+
+    # `--seeds 0 1 key=value` would swallow the overrides: hand them back.
+    seeds = [s for s in args.seeds if "=" not in s]
+    overrides = [*args.overrides, *(s for s in args.seeds if "=" in s)]
+    try:
+        seeds = [int(s) for s in seeds]
+    except ValueError as e:
+        raise ConfigError(f"--seeds takes integers, got {seeds}") from e
+    variants = ablate.grid_variants(args.grid) if args.grid else []
+    if args.variants:
+        variants += ablate.read_variants(args.variants)
+    if args.review or not variants:
+        variants = [*ablate.REVIEW_STUDY, *variants]
+    if args.dry_run:
+        runs = ablate.plan_runs(variants, seeds, args.out, overrides)
+        for run in runs:
+            load_config(args.config, run.overrides)  # fail now, not after hours of training
+        print(ablate.describe(runs, args.config, overrides), end="")
+        print(f"{len(runs)} runs under {args.out}/runs (dry run: nothing trained)")
+        return 0
+    ablate.run_ablation(variants, seeds, args.out, preset=args.config, extra=overrides)
+    return 0
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from hjepa.viz.runner import PLOTS, visualize_run
+
+    paths = visualize_run(
+        args.run_dir,
+        num_images=args.images,
+        seed=args.seed,
+        query=args.query,
+        only=args.only or PLOTS,
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
     return 0
 
 
@@ -35,6 +85,14 @@ def _data(args: argparse.Namespace) -> int:
         ds = build_dataset(args.name, args.root, split, image_size=args.image_size)
         info[split] = {"images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
     print(json.dumps({"dataset": args.name, **info}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hjepa.export import export_run
+
+    weights, card = export_run(args.run_dir, args.out)
+    print(f"wrote {weights} and {card}")
     return 0
 
 
@@ -61,13 +119,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="kNN + linear probes of a run, beside pixels and random init")
     p.add_argument("run_dir")
     p.add_argument("--no-baselines", action="store_true", help="skip pixels and random init")
+    p.add_argument("--no-low-shot", action="store_true", help="skip the 1%%/10%% label probes")
+    p.add_argument("--no-robustness", action="store_true", help="skip the corrupted test set")
+    p.add_argument(
+        "--transfer",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also probe on 'digits' or 'image_folder:PATH' (repeatable)",
+    )
+    p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.robustness_limit=500")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "ablate", help="train + evaluate variants over seeds (resumable); ablation.md/png, report"
+    )
+    p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis (several: cartesian product); '|' separates list values",
+    )
+    p.add_argument("--variants", metavar="FILE", help="'name|key=value ...' lines")
+    p.add_argument("--review", action="store_true", help="add the review study to a grid")
+    p.add_argument("--seeds", nargs="+", default=["0", "1"], help="seeds per variant")
+    p.add_argument("--out", default="runs/ablation", help="study folder (runs/ inside)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every run")
+    p.set_defaults(func=_ablate)
+
+    p = sub.add_parser("viz", help="PNGs of masks, attention, feature PCA and training curves")
+    p.add_argument("run_dir")
+    p.add_argument("--images", type=int, default=4, help="test images shown")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask samples")
+    p.add_argument("--query", type=int, default=None, help="query token (default: centre)")
+    p.add_argument("--only", nargs="+", choices=("masks", "attention", "pca", "curves"))
+    p.set_defaults(func=_viz)
 
     p = sub.add_parser("data", help="check that a dataset can be read and count it")
     p.add_argument("name")
     p.add_argument("--root", default=None)
     p.add_argument("--image-size", type=int, default=28)
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("export", help="write a run's target encoder as safetensors + JSON card")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="FILE.safetensors (default RUN_DIR/encoder...)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="training throughput vs the encoder's forward+backward")
     p.add_argument("--config", default="quickstart")
@@ -79,12 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positionals in one run, so `eval RUN --flag key=value` leaves key=value
+    # over: hand such items to the command's overrides; anything else is still an error.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # an unusable checkpoint (2) or a NaN/inf that stopped training (1)
+        from hjepa.train.checkpoint import CheckpointError
+        from hjepa.train.trainer import NonFiniteLossError
+
+        if not isinstance(e, CheckpointError | NonFiniteLossError):
+            raise
+        print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, CheckpointError) else 1
+    except OSError as e:  # disk full, read-only or missing run directory, ...
+        print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -51,6 +52,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 elsewhere)
     num_workers: int = 0  # dataloader workers for datasets decoded from files
     threads: int = 0  # torch intra-op threads on CPU (0: PyTorch's default)
+    nonfinite: str = "stop"  # NaN/inf loss or gradient: stop (keep last checkpoint) | skip step
+    compile: bool = False  # torch.compile the encoders and the predictor (GPU: faster steps)
 
 
 @dataclass
@@ -66,6 +69,28 @@ class OptimConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """DeiT III style batched augmentations on top of the crop + flip (all off by default)."""
+
+    three_augment: float = 0.0  # probability of one of grayscale / solarize / blur per image
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels
+    color_jitter: float = 0.0  # brightness/contrast (+ saturation on RGB) factors in 1 +- s
+    mixup: float = 0.0  # Beta(a, a) concentration; 0: off
+    cutmix: float = 0.0  # Beta(a, a) concentration; 0: off (both on: one of them per batch)
+    random_erasing: float = 0.0  # probability of erasing one random box per image
+
+
+@dataclass
+class MultiCropConfig:
+    """Extra local crops whose pooled context embedding predicts the global pooled target."""
+
+    num_local: int = 0  # 0: off
+    local_size: int = 16  # pixels, a multiple of model.patch_size
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    weight: float = 1.0  # weight of the view-prediction term in the loss
+
+
+@dataclass
 class DataConfig:
     name: str = "fashion_mnist"
     root: str = ""  # '' means the dataset's default locations
@@ -76,6 +101,8 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 
 @dataclass
@@ -91,6 +118,14 @@ class ModelConfig:
     levels: int = 3
     drop_path: float = 0.0
     normalize_targets: bool = False  # extra L2 normalisation of targets and predictions
+    # repeat: I-JEPA's predictor (context repeated per target block); shared: one pass, the
+    # context attends only to itself and each block to the context and itself (docs/scale.md)
+    predictor_mode: str = "repeat"
+    attention: str = "auto"  # SDPA kernel for training: auto | math | efficient | flash
+    pos_embed: str = "sincos"  # sincos (added to tokens) | rope (axial 2D RoPE in attention)
+    layer_scale: float = 0.0  # LayerScale initial gain on every residual branch (0: off)
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory)
+    fpn: str = "none"  # none | add | concat: top-down pathway over the level predictions
 
 
 @dataclass
@@ -120,6 +155,12 @@ class EvalConfig:
     train_limit: int = 0  # cap on train images used by the probes (0: all)
     linear: bool = True
     baselines: bool = True  # also probe raw pixels and a random-init encoder
+    low_shot: bool = True  # linear probes on class-balanced label fractions (best features)
+    low_shot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    low_shot_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    robustness: bool = True  # corrupted test set (8 corruptions x 5 severities), mCE vs pixels
+    robustness_limit: int = 2000  # test images corrupted (0: the whole test set)
+    transfer: list[str] = field(default_factory=list)  # 'digits' | 'image_folder:PATH'
 
 
 @dataclass
@@ -143,20 +184,40 @@ CHOICES = {
     "train.ema_timing": ("after_step", "before_step"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
     "data.name": ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic"),
     "masking.scale_mode": ("constant", "gentle", "geometric"),
+    "model.predictor_mode": ("repeat", "shared"),
+    "model.attention": ("auto", "math", "efficient", "flash"),
+    "model.pos_embed": ("sincos", "rope"),
+    "model.fpn": ("none", "add", "concat"),
     "loss.distance": ("mse", "smooth_l1"),
     "loss.regularizer": ("none", "sigreg"),
 }
 
 
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every setting under ``node``; nested dataclasses (data.augment) recurse."""
+    keys = []
+    for name in typing.get_type_hints(type(node)):
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(value):
+            keys += _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
 def valid_keys(cfg: Config | None = None) -> list[str]:
-    cfg = cfg or Config()
-    return [
-        f"{section}.{name}"
-        for section in typing.get_type_hints(Config)
-        for name in typing.get_type_hints(type(getattr(cfg, section)))
-    ]
+    return _leaf_keys(cfg or Config())
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. ``get_value(cfg, "data.augment.mixup")``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _unknown(key: str, options: list[str]) -> ConfigError:
@@ -201,15 +262,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
-    section, _, name = key.partition(".")
-    hints = typing.get_type_hints(Config)
-    if section not in hints or not name:
+    *path, name = key.split(".")
+    node: Any = cfg
+    for part in path:  # walk sections and nested groups (data -> augment)
+        child = getattr(node, part) if part in typing.get_type_hints(type(node)) else None
+        if not dataclasses.is_dataclass(child):
+            raise _unknown(key, valid_keys(cfg))
+        node = child
+    hints = typing.get_type_hints(type(node))
+    if not path or name not in hints:
         raise _unknown(key, valid_keys(cfg))
-    sub = getattr(cfg, section)
-    sub_hints = typing.get_type_hints(type(sub))
-    if name not in sub_hints:
-        raise _unknown(key, valid_keys(cfg))
-    setattr(sub, name, _coerce(key, value, sub_hints[name]))
+    if dataclasses.is_dataclass(getattr(node, name)):
+        if not isinstance(value, dict):  # a group: 'data.augment={mixup: 0.2}' sets its keys
+            first = _leaf_keys(getattr(node, name))[0]
+            raise ConfigError(f"{key} is a group of settings: set {key}.{first}=... instead")
+        for sub_key, sub_value in _flatten(value).items():
+            _set(cfg, f"{key}.{sub_key}", sub_value)
+        return
+    setattr(node, name, _coerce(key, value, hints[name]))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -286,13 +356,107 @@ def _check_range(key: str, pair: list[float], low: float, high: float) -> None:
         )
 
 
+# Lower bounds of numeric settings: below them a run would divide by zero, build an empty
+# layer or silently do nothing (reliability fuzzing, tests/test_validation_fuzz.py).
+MINIMUM = {
+    "run.checkpoint_every": 1,
+    "run.keep_every": 0,
+    "train.epochs": 0,
+    "train.knn_bank_size": 0,
+    "train.knn_query_size": 0,
+    "train.num_workers": 0,
+    "train.threads": 0,
+    "train.grad_clip": 0.0,
+    "optim.start_lr": 0.0,
+    "optim.final_lr": 0.0,
+    "optim.warmup_steps": 0,
+    "optim.warmup_fraction": 0.0,
+    "optim.weight_decay": 0.0,
+    "optim.final_weight_decay": 0.0,
+    "data.image_size": 1,
+    "data.channels": 1,
+    "data.synthetic_size": 1,
+    "model.patch_size": 1,
+    "model.embed_dim": 4,
+    "model.depth": 1,
+    "model.num_heads": 1,
+    "model.predictor_embed_dim": 4,
+    "model.predictor_depth": 1,
+    "model.predictor_num_heads": 1,
+    "masking.num_targets": 1,
+    "masking.min_context": 1,
+    "loss.sigreg_weight": 0.0,
+    "loss.sigreg_slices": 1,
+    "eval.knn_k": 1,
+    "eval.batch_size": 1,
+}
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every number finite, every count/size at or above its minimum, ratios in range."""
+    keys = valid_keys(cfg)
+    for key in keys:
+        value = get_value(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={value} must be a finite number")
+    for key, low in MINIMUM.items():
+        if key in keys and get_value(cfg, key) < low:
+            raise ConfigError(f"{key}={get_value(cfg, key)} must be >= {low}")
+    m, o = cfg.model, cfg.optim
+    if m.mlp_ratio <= 0 or int(m.embed_dim * m.mlp_ratio) < 1:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must give an MLP of at least 1 unit")
+    if o.warmup_fraction > 1.0:
+        raise ConfigError(f"optim.warmup_fraction={o.warmup_fraction} must be in [0, 1]")
+    if len(o.betas) == 2 and not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must both be in [0, 1), e.g. [0.9, 0.999]")
+    if any(w < 0 for w in cfg.loss.level_weights):
+        raise ConfigError(f"loss.level_weights={cfg.loss.level_weights} must be >= 0")
+    if cfg.eval.knn_temperature <= 0:
+        raise ConfigError("eval.knn_temperature must be > 0")
+
+
+def _block_side(area: float, grid: int) -> int:
+    """Side of a mask block as the sampler rounds it (data/masks.py, ``_block_size``)."""
+    return min(max(round(math.sqrt(area)), 1), grid)
+
+
+def _check_masks_feasible(cfg: Config) -> None:
+    """Refuse mask settings no draw can satisfy: even with the largest context square and the
+    smallest target block pushed into the opposite corner, fewer than ``min_context`` tokens
+    would be left. (This bound is never too strict; the trainer also draws once at start.)
+
+    A ``h x w`` block and a ``c x c`` square in a ``G x G`` grid overlap in at least
+    ``max(0, h + c - G) * max(0, w + c - G)`` tokens.
+    """
+    mk, grid = cfg.masking, cfg.data.image_size // cfg.model.patch_size
+    n = grid * grid
+    if mk.min_context > n:
+        raise ConfigError(
+            f"masking.min_context={mk.min_context} exceeds the {grid}x{grid}={n} token grid"
+        )
+    (s_lo, _), (a_lo, a_hi) = mk.target_scale, mk.target_aspect
+    h_min = _block_side(s_lo * n * a_lo, grid)  # smallest height any target block can have
+    w_min = _block_side(s_lo * n / a_hi, grid)  # smallest width
+    c_lo, c_hi = (_block_side(s * n, grid) for s in mk.context_scale)
+    best = max(
+        c * c - max(0, h_min + c - grid) * max(0, w_min + c - grid) for c in range(c_lo, c_hi + 1)
+    )
+    if best < mk.min_context:
+        raise ConfigError(
+            f"masking.min_context={mk.min_context} cannot be met on a {grid}x{grid} token grid "
+            f"(at most {best} context tokens survive the target blocks): lower "
+            "masking.min_context or masking.target_scale, or raise masking.context_scale"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Refuse contradictory or impossible settings before any compute is spent."""
     for key, options in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = get_value(cfg, key)
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
+    _check_numbers(cfg)  # first: later checks divide by these
     m, t, d = cfg.model, cfg.train, cfg.data
     if d.image_size % m.patch_size:
         raise ConfigError(
@@ -343,6 +507,78 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
     if cfg.optim.lr <= 0 or len(cfg.optim.betas) != 2:
         raise ConfigError("optim.lr must be > 0 and optim.betas a pair")
+    _check_masks_feasible(cfg)
+    _validate_eval(cfg.eval)
+    _validate_encoder_options(cfg)
+
+
+def check_attention(attention: str, device: str, precision: str) -> None:
+    """``model.attention`` against the (resolved or configured) device and precision."""
+    if attention in ("flash", "efficient") and device in ("cpu", "mps"):
+        need = " with bf16/fp16" if attention == "flash" else ""
+        raise ConfigError(f"model.attention={attention} needs a CUDA GPU{need}; use auto")
+    if attention == "flash" and precision == "fp32":
+        raise ConfigError(
+            "model.attention=flash needs a CUDA GPU with bf16/fp16 (train.precision=fp32 "
+            "given); use auto or train.precision=bf16"
+        )
+
+
+def _validate_encoder_options(cfg: Config) -> None:
+    m, d = cfg.model, cfg.data
+    check_attention(m.attention, cfg.train.device, cfg.train.precision)
+    if m.pos_embed == "rope":
+        for dim, heads, name in (
+            (m.embed_dim, m.num_heads, "embed_dim/num_heads"),
+            (m.predictor_embed_dim, m.predictor_num_heads, "predictor_embed_dim/num_heads"),
+        ):
+            if (dim // heads) % 4:
+                raise ConfigError(
+                    f"model.pos_embed=rope needs head widths divisible by 4, but model.{name}"
+                    f" = {dim}/{heads}: change the width or the number of heads"
+                )
+    if m.layer_scale < 0:
+        raise ConfigError("model.layer_scale is an initial gain >= 0 (0: off), e.g. 1e-4 or 0.1")
+    if m.fpn != "none" and m.levels < 2:
+        raise ConfigError("model.fpn needs model.levels >= 2 (a coarser level to fuse from)")
+    a = d.augment
+    for name in ("three_augment", "random_erasing"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            raise ConfigError(f"data.augment.{name} is a probability in [0, 1]")
+    if not 0.0 <= a.color_jitter < 1.0:
+        raise ConfigError("data.augment.color_jitter is a strength in [0, 1), e.g. 0.3")
+    if a.mixup < 0 or a.cutmix < 0:
+        raise ConfigError("data.augment.mixup/cutmix are Beta concentrations >= 0 (0: off)")
+    _check_range("data.augment.blur_sigma", a.blur_sigma, 1e-3, 100.0)
+    mc = d.multicrop
+    if mc.num_local < 0:
+        raise ConfigError("data.multicrop.num_local must be >= 0 (0: off)")
+    if mc.num_local:
+        if mc.local_size % m.patch_size or not m.patch_size <= mc.local_size <= d.image_size:
+            raise ConfigError(
+                f"data.multicrop.local_size={mc.local_size} must be a multiple of "
+                f"model.patch_size={m.patch_size} and at most data.image_size={d.image_size}"
+            )
+        _check_range("data.multicrop.local_scale", mc.local_scale, 1e-3, 1.0)
+        if mc.weight <= 0:
+            raise ConfigError(
+                "data.multicrop.weight must be > 0 with local crops (or data.multicrop.num_local=0)"
+            )
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    if not e.low_shot_fractions or not all(0.0 < f <= 1.0 for f in e.low_shot_fractions):
+        raise ConfigError("eval.low_shot_fractions must be a non-empty list in (0, 1], e.g. [0.01]")
+    if not e.low_shot_seeds:
+        raise ConfigError("eval.low_shot_seeds must list at least one seed, e.g. [0, 1, 2]")
+    if e.robustness_limit < 0 or e.train_limit < 0:
+        raise ConfigError("eval.robustness_limit and eval.train_limit must be >= 0 (0: all)")
+    for spec in e.transfer:
+        kind, _, path = spec.partition(":")
+        if not (spec == "digits" or (kind == "image_folder" and path)):
+            raise ConfigError(
+                f"eval.transfer entry {spec!r} must be 'digits' or 'image_folder:PATH'"
+            )
 
 
 def dump_yaml(cfg: Config) -> str:

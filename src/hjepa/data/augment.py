@@ -196,11 +196,22 @@ class BatchAugment:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        boxes = sample_crop_boxes(
-            x.shape[0], x.shape[2], x.shape[3], self.scale, self.ratio, generator
-        )
-        flip = _rand((x.shape[0],), generator) < self.flip_prob
+    def __call__(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
+        """Augment ``x``; with ``shard = (rank, world_size)``, ``x`` holds rows
+        ``rank, rank + world_size, ...`` of a global batch of ``len(x) * world_size`` images:
+        the parameters are drawn for the whole global batch and sliced, so every image gets
+        the crop and flip it would get in a single process.
+        """
+        rank, world = shard
+        n = x.shape[0] * world
+        boxes = sample_crop_boxes(n, x.shape[2], x.shape[3], self.scale, self.ratio, generator)
+        flip = _rand((n,), generator) < self.flip_prob
+        boxes, flip = boxes[rank::world], flip[rank::world]
         return crop_resize(to_float(x, self.mean, self.std), boxes, self.out_size, flip)
 
     def __repr__(self) -> str:

@@ -14,9 +14,13 @@ of :meth:`MultiBlockMaskSampler.sample` draws, for a batch of ``B`` images:
   (``+.02`` per further level); ``geometric`` (the reviewed bug, kept for the ablation) draws
   blocks of scale ``target_scale * 2**l`` clipped to 1.
 * **Context.** One square (``a = 1``) of scale ``~ U(context_scale)`` at a random position, minus
-  every footprint token of every level. A sample left with fewer than ``min_context`` tokens is
-  redrawn (bounded retries); then each sample keeps a random subset of ``K = min_b |C_b|`` tokens,
-  so counts are equal and gathering is a reshape.
+  every footprint token of every level (``constant``, ``gentle``). ``geometric`` removes only the
+  level-0 targets: the reviewed code gave each level its own context, so its coarse targets (60-80
+  % of the image at level 2) overlapped what the encoder saw and their prediction was nearly a
+  copy; with one shared context that is what removing only the level-0 blocks reproduces (and
+  removing all of them would leave no context). A sample left with fewer than ``min_context``
+  tokens is redrawn (bounded retries); then each sample keeps a random subset of
+  ``K = min_b |C_b|`` tokens, so counts are equal and gathering is a reshape.
 * **Level targets.** The level-``l`` grid is level 0 average-pooled by ``s = 2**l`` with floor,
   ``G_l = G // s`` (cell ``i`` covers rows ``[i s, (i + 1) s)``; leftover rows/cols belong to no
   cell). A cell is a target when ``2 |cell ∩ footprint| >= s**2`` (at least half covered); if no
@@ -205,7 +209,9 @@ class MultiBlockMaskSampler:
     def _draw(self, batch: int, sizes, side: int, generator: torch.Generator):
         footprints = [self._blocks(batch, self.num_targets, hw, generator) for hw in sizes]
         block = self._blocks(batch, 1, (side, side), generator)[:, 0]
-        covered = torch.stack(footprints, 1).any(2).any(1)
+        # geometric (the reviewed bug): only level-0 targets are hidden from the context.
+        hidden = footprints[:1] if self.scale_mode == "geometric" else footprints
+        covered = torch.stack(hidden, 1).any(2).any(1)
         return footprints, block, block & ~covered
 
     def sample(self, batch_size: int, generator: torch.Generator) -> MaskBatch:

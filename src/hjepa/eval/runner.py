@@ -3,131 +3,319 @@
 The same protocol runs on three feature sets, side by side: the trained target encoder (per
 hierarchy level and all levels concatenated), the same architecture at its random
 initialisation (the run's own seed), and raw pixels. What training added is the gap between
-the first and the other two.
+the first and the other two. On top of that, switched by ``eval.*`` keys:
+
+* ``eval.low_shot``: linear probes on class-balanced 1 % / 10 % label subsets (seeds 0, 1, 2;
+  mean and sample std) of the trained encoder's best features (``concat``; ``level0`` with one
+  level), beside pixels when baselines are on;
+* ``eval.robustness``: the best features' linear probe, fit on clean training features, on
+  ``eval.robustness_limit`` corrupted test images (8 corruptions x 5 severities), with mCE
+  relative to the pixel probe under the very same corruptions;
+* ``eval.transfer``: kNN and linear probes of the frozen encoder on other datasets
+  (``digits``, ``image_folder:PATH``).
+
+Every subset, split and seed is fixed, so one checkpoint always gives the same numbers.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from hjepa.config import Config, from_dict
+from hjepa.config import Config, ConfigError, from_dict, parse_override
 from hjepa.data.datasets import build_dataset
 from hjepa.data.normalize import channel_stats
+from hjepa.eval import robust_eval
+from hjepa.eval.classifier import LinearClassifier, fit_linear_classifier
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features, pixel_features
 from hjepa.eval.knn import knn_accuracy
-from hjepa.eval.linear import linear_probe
+from hjepa.eval.linear import low_shot_linear_probe
+from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
+from hjepa.models.vit import VisionTransformer
 from hjepa.train import checkpoint as ckpt
 from hjepa.train.monitor import fixed_subset
 from hjepa.train.trainer import pick_device
 
+Features = tuple[dict[str, Tensor], Tensor]
 
-def load_run_config(run_dir: str | Path) -> Config:
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's resolved config, with ``eval.*`` ``key=value`` overrides applied."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory of hjepa train?")
-    return from_dict(yaml.safe_load(path.read_text()))
+    tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if section != "eval" or not name:
+            raise ConfigError(
+                f"hjepa eval accepts only eval.* overrides (the model is fixed by the run), "
+                f"got '{key}'"
+            )
+        tree.setdefault("eval", {})[name] = value
+    return from_dict(tree)
+
+
+def best_features(levels: int) -> str:
+    """The feature set the extra evaluations use: all levels concatenated (or level 0 alone)."""
+    return "concat" if levels > 1 else "level0"
 
 
 def probe(
     train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int, cfg: Config
-) -> dict[str, float]:
+) -> tuple[dict[str, float], LinearClassifier | None]:
+    """kNN accuracy, and (``eval.linear``) linear-probe accuracy with its fitted classifier."""
     (xtr, ytr), (xte, yte) = train, test
+    k = min(cfg.eval.knn_k, xtr.shape[0])  # tiny transfer sets have fewer than k images
     out = {
         "knn": knn_accuracy(
-            xtr, ytr, xte, yte, num_classes, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
+            xtr, ytr, xte, yte, num_classes, k=k, temperature=cfg.eval.knn_temperature
         )
     }
+    classifier = None
     if cfg.eval.linear:
-        out["linear"] = linear_probe(xtr, ytr, xte, yte, num_classes, seed=cfg.train.seed)[
-            "accuracy"
-        ]
-    return out
+        classifier = fit_linear_classifier(xtr, ytr, num_classes, seed=cfg.train.seed)
+        out["linear"] = classifier.accuracy(xte, yte)
+    return out, classifier
 
 
-def evaluate_run(run_dir: str | Path, *, baselines: bool | None = None) -> dict[str, Any]:
+class _Evaluator:
+    """Datasets, normalisation and feature extraction of one run."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        d = cfg.data
+        kw = dict(
+            image_size=d.image_size,
+            channels=d.channels,
+            synthetic_size=d.synthetic_size,
+            seed=cfg.train.seed,
+            class_subset=d.class_subset or None,
+        )
+        train_set = build_dataset(d.name, d.root or None, "train", **kw)
+        self.train_set = fixed_subset(train_set, cfg.eval.train_limit, seed=3)
+        self.test_set = build_dataset(d.name, d.root or None, "test", **kw)
+        self.channels = int(getattr(train_set, "channels", d.channels))
+        self.num_classes = int(getattr(train_set, "num_classes", 0))
+        self.mean, self.std = channel_stats(d.name, self.channels)
+
+    def encoder(self, encoder: VisionTransformer, dataset: Dataset) -> Features:
+        return encoder_features(
+            encoder,
+            dataset,
+            levels=self.cfg.model.levels,
+            mean=self.mean,
+            std=self.std,
+            image_size=self.cfg.data.image_size,
+            batch_size=self.cfg.eval.batch_size,
+            device=self.device,
+            num_workers=self.cfg.train.num_workers,
+        )
+
+    def pixels(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
+        return pixel_features(
+            dataset, mean=self.mean, std=self.std, image_size=self.cfg.data.image_size
+        )
+
+    def probe_all(
+        self, train: Features, test: Features, num_classes: int
+    ) -> tuple[dict[str, dict[str, float]], dict[str, LinearClassifier]]:
+        (tr, ytr), (te, yte) = train, test
+        accs, classifiers = {}, {}
+        for name in tr:
+            accs[name], clf = probe((tr[name], ytr), (te[name], yte), num_classes, self.cfg)
+            if clf is not None:
+                classifiers[name] = clf
+        return accs, classifiers
+
+
+def _low_shot(cfg: Config, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], n: int):
+    table = low_shot_linear_probe(
+        *train,
+        *test,
+        n,
+        fractions=cfg.eval.low_shot_fractions,
+        seeds=cfg.eval.low_shot_seeds,
+    )
+    return {f"{fraction:g}": stats for fraction, stats in table.items()}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    baselines: bool | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Evaluate ``RUN_DIR/checkpoints/last.pt``; write and return ``RUN_DIR/eval.json``.
+
+    ``overrides`` are ``eval.*`` ``key=value`` strings on top of the run's config;
+    ``baselines`` overrides ``eval.baselines`` when given.
+    """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    if baselines is not None:
+        cfg.eval.baselines = baselines
+    e = cfg.eval
     state = ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / ckpt.LAST)
     device = pick_device(cfg.train.device)
-    d = cfg.data
-    kw = dict(
-        image_size=d.image_size,
-        channels=d.channels,
-        synthetic_size=d.synthetic_size,
-        seed=cfg.train.seed,
-        class_subset=d.class_subset or None,
-    )
-    train_set = build_dataset(d.name, d.root or None, "train", **kw)
-    train_set = fixed_subset(train_set, cfg.eval.train_limit, seed=3)
-    test_set = build_dataset(d.name, d.root or None, "test", **kw)
-    channels = int(getattr(train_set, "channels", d.channels))
-    num_classes = int(getattr(train_set, "num_classes", 0))
-    mean, std = channel_stats(d.name, channels)
+    ev = _Evaluator(cfg, device)
+    best = best_features(cfg.model.levels)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
 
-    def features_of(encoder) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]:
-        fkw = dict(
-            levels=cfg.model.levels,
-            mean=mean,
-            std=std,
-            image_size=d.image_size,
-            batch_size=cfg.eval.batch_size,
-            device=device,
-            num_workers=cfg.train.num_workers,
-        )
-        tr, ytr = encoder_features(encoder, train_set, **fkw)
-        te, yte = encoder_features(encoder, test_set, **fkw)
-        return tr, ytr, te, yte
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[part] = now - clock
+        clock = now
 
     torch.manual_seed(cfg.train.seed)  # the very initialisation the trained run started from
-    encoder = build_encoder(cfg.model, d.image_size, channels).to(device)
+    encoder = build_encoder(cfg.model, cfg.data.image_size, ev.channels).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     encoder.load_state_dict(state["target_encoder"])
 
-    results: dict[str, Any] = {"run_dir": str(run_dir), "step": int(state["step"])}
-    start = time.perf_counter()
-    tr, ytr, te, yte = features_of(encoder)
-    results["trained"] = {
-        name: probe((tr[name], ytr), (te[name], yte), num_classes, cfg) for name in tr
-    }
-    results["collapse"] = {name: collapse_report(te[name]) for name in te if name != "concat"}
-    if cfg.eval.baselines if baselines is None else baselines:
-        encoder.load_state_dict(random_state)
-        tr, ytr, te, yte = features_of(encoder)
-        results["random_init"] = {
-            name: probe((tr[name], ytr), (te[name], yte), num_classes, cfg) for name in tr
-        }
-        pix_kw = dict(mean=mean, std=std, image_size=d.image_size)
-        results["pixels"] = {
-            "pixels": probe(
-                pixel_features(train_set, **pix_kw),
-                pixel_features(test_set, **pix_kw),
-                num_classes,
-                cfg,
+    results: dict[str, Any] = {"run_dir": str(run_dir), "step": int(state["step"]), "eval": {}}
+    results["eval"] = {k: v for k, v in vars(e).items()}
+
+    # Raw pixels: a baseline of the probes and the reference of mCE.
+    pixel_clf = None
+    if e.baselines or e.robustness:
+        ptr, pte = ev.pixels(ev.train_set), ev.pixels(ev.test_set)
+        if e.baselines:
+            accs, clfs = ev.probe_all(
+                ({"pixels": ptr[0]}, ptr[1]), ({"pixels": pte[0]}, pte[1]), ev.num_classes
             )
+            results["pixels"] = accs
+            pixel_clf = clfs.get("pixels")
+        lap("pixels")
+
+    train_feats, test_feats = ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set)
+    results["trained"], classifiers = ev.probe_all(train_feats, test_feats, ev.num_classes)
+    results["collapse"] = {
+        name: collapse_report(feats) for name, feats in test_feats[0].items() if name != "concat"
+    }
+    lap("trained")
+
+    if e.low_shot:
+        train_best = (train_feats[0][best], train_feats[1])
+        test_best = (test_feats[0][best], test_feats[1])
+        results["low_shot"] = {
+            "features": best,
+            "trained": _low_shot(cfg, train_best, test_best, ev.num_classes),
         }
-    results["seconds"] = time.perf_counter() - start
+        if e.baselines:
+            results["low_shot"]["pixels"] = _low_shot(cfg, ptr, pte, ev.num_classes)
+        lap("low_shot")
+
+    if e.robustness:
+        clf = classifiers.get(best) or fit_linear_classifier(
+            train_feats[0][best], train_feats[1], ev.num_classes, seed=cfg.train.seed
+        )
+        pixel_clf = pixel_clf or fit_linear_classifier(*ptr, ev.num_classes, seed=cfg.train.seed)
+        clean = robust_eval.materialize(ev.test_set, e.robustness_limit)
+        clean_acc, table = robust_eval.accuracy_table(
+            {
+                "encoder": lambda ds: ev.encoder(encoder, ds)[0][best],
+                "pixels": lambda ds: ev.pixels(ds)[0],
+            },
+            {"encoder": clf, "pixels": pixel_clf},
+            clean,
+        )
+        results["robustness"] = {
+            "features": best,
+            "images": len(clean),
+            **robust_eval.summarize(clean_acc, table, "encoder", "pixels"),
+        }
+        lap("robustness")
+
+    transfer_sets = {}
+    for spec in e.transfer:
+        tr_set, te_set = transfer_datasets(
+            spec, image_size=cfg.data.image_size, channels=ev.channels
+        )
+        num_classes = int(getattr(tr_set, "num_classes", 0))
+        transfer_sets[spec] = (tr_set, te_set, num_classes)
+        entry = {"spec": spec, "train_images": len(tr_set), "test_images": len(te_set)}
+        entry["trained"] = ev.probe_all(
+            ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
+        )[0]
+        if e.baselines:
+            entry["pixels"] = ev.probe_all(
+                *(({"pixels": f}, y) for f, y in (ev.pixels(tr_set), ev.pixels(te_set))),
+                num_classes,
+            )[0]
+        results.setdefault("transfer", {})[transfer_name(spec)] = entry
+    if e.transfer:
+        lap("transfer")
+
+    if e.baselines:
+        encoder.load_state_dict(random_state)
+        results["random_init"] = ev.probe_all(
+            ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set), ev.num_classes
+        )[0]
+        for spec, (tr_set, te_set, num_classes) in transfer_sets.items():
+            results["transfer"][transfer_name(spec)]["random_init"] = ev.probe_all(
+                ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
+            )[0]
+        lap("random_init")
+
+    results["seconds"] = seconds
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 
 
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_table(results: dict[str, Any]) -> str:
+    """Plain-text summary printed by ``hjepa eval`` (Markdown tables, readable in a terminal)."""
     rows = []
     for group in ("trained", "random_init", "pixels"):
         for name, accs in results.get(group, {}).items():
-            linear = f"{accs['linear']:.4f}" if "linear" in accs else "-"
-            rows.append(f"| {group:<11} | {name:<7} | {accs['knn']:.4f} | {linear:>6} |")
+            rows.append(
+                f"| {group:<11} | {name:<7} | {accs['knn']:.4f} | {_acc(accs.get('linear')):>6} |"
+            )
     header = (
         "| encoder     | feature | kNN    | linear |\n|-------------|---------|--------|--------|"
     )
+    lines = [header, *rows]
     collapsed = [n for n, r in results.get("collapse", {}).items() if r["collapsed"]]
-    note = f"\nWARNING: collapsed features at {', '.join(collapsed)}" if collapsed else ""
-    return header + "\n" + "\n".join(rows) + note
+    if collapsed:
+        lines.append(f"WARNING: collapsed features at {', '.join(collapsed)}")
+    low = results.get("low_shot")
+    if low:
+        for model in ("trained", "pixels"):
+            for fraction, s in low.get(model, {}).items():
+                lines.append(
+                    f"low-shot {model} {low['features'] if model == 'trained' else 'pixels'} "
+                    f"{float(fraction):.0%} labels: {s['mean']:.4f} ± {s['std']:.4f}"
+                )
+    rob = results.get("robustness")
+    if rob:
+        mca = rob["mean_corruption_accuracy"]
+        mce = "undefined" if rob["mce"] is None else f"{rob['mce']:.3f}"
+        lines.append(
+            f"robustness ({rob['images']} images): clean {rob['clean']['encoder']:.4f}, "
+            f"mean corruption accuracy {mca['encoder']:.4f} (pixels {mca['pixels']:.4f}), "
+            f"mCE vs pixels {mce}"
+        )
+    for name, entry in results.get("transfer", {}).items():
+        for group in ("trained", "random_init", "pixels"):
+            for feat, accs in entry.get(group, {}).items():
+                lines.append(
+                    f"transfer {name} {group} {feat}: kNN {accs['knn']:.4f} "
+                    f"linear {_acc(accs.get('linear'))}"
+                )
+    return "\n".join(lines)

@@ -30,7 +30,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     batch = z1.shape[0]
-    unit = F.normalize(torch.cat((z1, z2)).float(), dim=1)
+    both = torch.cat((z1, z2))
+    unit = F.normalize(both if both.dtype == torch.float64 else both.float(), dim=1)
     logits = unit @ unit.mT / temperature
     # A sample is never its own negative: drop the diagonal from the softmax.
     logits = logits.masked_fill(

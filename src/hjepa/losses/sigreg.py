@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -133,13 +134,12 @@ class _Layout(NamedTuple):
 
     outer: int  # A
     inner: int  # B
-    num_freqs: int  # J = num_points - 1
     multiples: Tensor  # [1, 2A + 2B, 1]: a*B*dt (cos), a*B*dt (sin), b*dt (cos), b*dt (sin)
     phases: Tensor  # [1, 2A + 2B, 1]: 0 for cosine rows, -pi/2 for sine rows
-    weights: Tensor  # [J] trapezoid weights w_j, j >= 1
-    target: Tensor  # [J] exp(-t_j^2 / 2)
-    grad_scale: Tensor  # [2J] 2 w_j t_j, twice
-    scatter: Tensor  # [2J, 4AB]: (alpha, beta) -> G = [[alpha, beta], [beta, -alpha]]
+    pairing: Tensor  # [2J, 4AB]: combines the 2A x 2B products into cos(j theta), sin(j theta)
+    target: Tensor  # [2J]: exp(-t_j^2 / 2), then zeros (the sine part of the Gaussian ECF)
+    weights: Tensor  # [2J]: trapezoid weights w_j, twice
+    gradient: Tensor  # [2J, 4AB]: [c - phi, s] -> G = [[alpha, beta], [beta, -alpha]], flattened
 
 
 @functools.lru_cache(maxsize=32)
@@ -157,17 +157,20 @@ def _layout(num_points: int, t_max: float, dtype: torch.dtype, device: torch.dev
         sine = -math.pi / 2  # sin(u) = cos(u - pi/2)
         phases = [0.0] * outer + [sine] * outer + [0.0] * inner + [sine] * inner
         phases = torch.tensor(phases, **opts).view(1, -1, 1)
-        scatter = torch.zeros(2 * num_freqs, 2 * outer, 2 * inner, **opts)
+        # Rows of the product [cos aB; sin aB] x [cos b; sin b]^T: cos(j) = cc - ss and
+        # sin(j) = sc + cs for j = aB + b.
+        pairing = torch.zeros(2 * num_freqs, 2 * outer, 2 * inner, **opts)
         for j in range(num_freqs):
             a, b = divmod(j, inner)  # frequency j + 1 = a * B + (b + 1)
-            scatter[j, a, b] = scatter[num_freqs + j, a, inner + b] = 1.0  # alpha, beta
-            scatter[num_freqs + j, outer + a, b] = 1.0  # beta
-            scatter[j, outer + a, inner + b] = -1.0  # -alpha
-        grad_scale = (2 * weights * t).repeat(2)
-    return _Layout(
-        outer, inner, num_freqs, multiples, phases, weights, target, grad_scale,
-        scatter.view(2 * num_freqs, -1),
-    )  # fmt: skip
+            pairing[j, a, b], pairing[j, outer + a, inner + b] = 1.0, -1.0
+            pairing[num_freqs + j, outer + a, b] = pairing[num_freqs + j, a, inner + b] = 1.0
+        pairing = pairing.view(2 * num_freqs, -1)
+        # d EP / d x = sum_j alpha_j cos(t_j x) + beta_j sin(t_j x) with alpha_j = 2 w_j t_j s_j
+        # and beta_j = -2 w_j t_j (c_j - phi_j): from [c - phi, s] swap halves, scale, pair.
+        scale = (2 * weights * t).unsqueeze(1)
+        gradient = torch.cat((-scale * pairing[num_freqs:], scale * pairing[:num_freqs]))
+        target = torch.cat((target, torch.zeros_like(target)))
+    return _Layout(outer, inner, multiples, phases, pairing, target, weights.repeat(2), gradient)
 
 
 class _Basis:
@@ -192,29 +195,22 @@ class _Basis:
         return basis[:, : 2 * layout.outer], basis[:, 2 * layout.outer :]
 
 
-def _trig_sums(x_cols: Tensor, layout: _Layout) -> tuple[Tensor, Tensor]:
-    r""":math:`\sum_n \cos(t_j x_{kn})` and :math:`\sum_n \sin(t_j x_{kn})`, j >= 1: [K, J] each."""
+def _trig_sums(x_cols: Tensor, layout: _Layout) -> Tensor:
+    r"""Products :math:`[\cos aB\theta; \sin aB\theta][\cos b\theta; \sin b\theta]^\top`
+    summed over samples, flattened: ``[K, 4AB]`` (map them to frequencies with ``pairing``)."""
     outer, inner = layout.outer, layout.inner
     basis = _Basis(x_cols, layout)
     prod = x_cols.new_empty(x_cols.shape[0], 2 * outer, 2 * inner)
     for block, prod_block in zip(x_cols.split(basis.chunk), prod.split(basis.chunk)):
         left, right = basis(block)
-        torch.bmm(left, right.mT, out=prod_block)  # [S, 2A, 2B]: sums over samples
-    cc, cs = prod[:, :outer, :inner], prod[:, :outer, inner:]
-    sc, ss = prod[:, outer:, :inner], prod[:, outer:, inner:]
-    num_freqs = layout.num_freqs
-    cos_sums = (cc - ss).flatten(1)[:, :num_freqs]
-    sin_sums = (sc + cs).flatten(1)[:, :num_freqs]
-    return cos_sums, sin_sums
+        torch.bmm(left, right.mT, out=prod_block)
+    return prod.flatten(1)
 
 
-def _trig_combination(x_cols: Tensor, layout: _Layout, coefficients: Tensor) -> Tensor:
-    r""":math:`\sum_j \alpha_{kj} \cos(t_j x_{kn}) + \beta_{kj} \sin(t_j x_{kn})`: [K, N].
-
-    ``coefficients = [alpha, beta]`` ``[K, 2J]``; evaluated as :math:`\langle L_k, G_k R_k
-    \rangle` with the basis factors and :math:`G = [[\alpha, \beta], [\beta, -\alpha]]`.
-    """
-    mix = (coefficients @ layout.scatter).view(-1, 2 * layout.outer, 2 * layout.inner)
+def _trig_combination(x_cols: Tensor, layout: _Layout, mix: Tensor) -> Tensor:
+    r""":math:`\langle L_k, G_k R_k \rangle = \sum_j \alpha_{kj} \cos(t_j x_{kn}) + \beta_{kj}
+    \sin(t_j x_{kn})` for coefficient matrices ``mix`` ``[K, 2A * 2B]`` (see ``_Layout``)."""
+    mix = mix.view(-1, 2 * layout.outer, 2 * layout.inner)
     basis = _Basis(x_cols, layout)
     out = torch.empty_like(x_cols)
     mixed = x_cols.new_empty(basis.chunk, 2 * layout.outer, x_cols.shape[1])
@@ -241,20 +237,22 @@ class _EppsPulley(torch.autograd.Function):
     def forward(ctx, x_cols: Tensor, num_points: int, t_max: float, distributed: bool) -> Tensor:
         with _full_precision(x_cols.device):
             layout = _layout(num_points, t_max, x_cols.dtype, x_cols.device)
-            cos_sums, sin_sums = _trig_sums(x_cols, layout)
-            count: Tensor | float = float(x_cols.shape[1])
+            products = _trig_sums(x_cols, layout)
             if distributed:
-                # One collective for both sums and the sample count (shards may differ).
-                packed = torch.cat(
-                    (cos_sums.flatten(), sin_sums.flatten(), cos_sums.new_tensor([count]))
-                )
+                # One collective for the sums and the sample count (shards may differ in size).
+                sums = products @ layout.pairing.mT
+                packed = torch.cat((sums.flatten(), sums.new_tensor([x_cols.shape[1]])))
                 dist.all_reduce(packed)
-                cos_sums, sin_sums = packed[:-1].view(2, *cos_sums.shape).unbind(0)
                 count = packed[-1]
-            cos_dev = cos_sums / count - layout.target
-            sin_mean = sin_sums / count
-            statistic = count * ((cos_dev.square() + sin_mean.square()) @ layout.weights)
-        ctx.save_for_backward(x_cols, torch.cat((sin_mean, -cos_dev), 1))
+                deviations = packed[:-1].view_as(sums) / count - layout.target
+            else:
+                count = x_cols.shape[1]
+                # [c_j - phi_j, s_j]: empirical minus Gaussian characteristic function
+                deviations = torch.addmm(
+                    layout.target, products, layout.pairing.mT, beta=-1, alpha=1 / count
+                )
+            statistic = torch.mv(deviations.square(), layout.weights).mul_(count)
+        ctx.save_for_backward(x_cols, deviations)
         ctx.layout, ctx.distributed = layout, distributed
         return statistic
 
@@ -267,8 +265,8 @@ class _EppsPulley(torch.autograd.Function):
                 grad = grad.clone()
                 dist.all_reduce(grad)
             # d EP / d x_n = sum_j 2 w_j t_j [s_j cos(t_j x_n) - (c_j - phi_j) sin(t_j x_n)]
-            coefficients = deviations * grad.unsqueeze(1) * ctx.layout.grad_scale
-            return _trig_combination(x_cols, ctx.layout, coefficients), None, None, None
+            mix = (deviations * grad.unsqueeze(1)) @ ctx.layout.gradient
+            return _trig_combination(x_cols, ctx.layout, mix), None, None, None
 
 
 def epps_pulley(
@@ -334,8 +332,12 @@ def random_directions(
     """
     if dim < 1 or num_slices < 1:
         raise ValueError(f"need dim >= 1 and num_slices >= 1, got {dim} and {num_slices}")
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int (the global step), got {step!r}")
+    try:
+        step = operator.index(step)
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise ValueError("step must be a non-negative integer (the global optimizer step)")
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     generator = torch.Generator(device=gen_device)
@@ -360,7 +362,12 @@ class SIGReg(nn.Module):
     both ``step`` and ``directions`` is an error. Explicit unit ``directions [D, K]`` override
     the draw. Under ``torch.distributed`` with several processes, the empirical characteristic
     functions are summed over ranks with gradient and :math:`N` is the global batch size; every
-    rank must call the module.
+    rank must call the module. As with any loss that every rank evaluates on the global batch,
+    a rank's gradient for its shard is ``world_size`` times its share, which DDP's gradient
+    averaging divides back out.
+
+    Computed in float32 (float64 inputs stay float64) with autocast and TF32 off: the statistic
+    is built from differences of characteristic functions that half precision cannot resolve.
     """
 
     def __init__(

@@ -104,11 +104,13 @@ class VICReg(nn.Module):
     def forward(self, z: Tensor, z2: Tensor | None = None) -> dict[str, Tensor]:
         views = [z] if z2 is None else [z, z2]
         terms: dict[str, Tensor] = {}
-        # float32 without autocast: a bf16 covariance of near-collapsed embeddings is noise.
+        # At least float32, without autocast: a bf16 covariance of near-collapsed embeddings
+        # is noise.
+        views = [v if v.dtype in (torch.float32, torch.float64) else v.float() for v in views]
         with _no_autocast(z.device):
             if z2 is not None:
-                terms["invariance"] = invariance_loss(z.float(), z2.float())
-            gathered = [all_gather_cat(v.float()) for v in views]  # global-batch statistics
+                terms["invariance"] = invariance_loss(*views)
+            gathered = [all_gather_cat(v) for v in views]  # global-batch statistics
             variance = [variance_loss(g, self.gamma, self.eps) for g in gathered]
             covariance = [covariance_loss(g) for g in gathered]
         terms["variance"] = torch.stack(variance).mean()

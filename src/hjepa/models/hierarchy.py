@@ -2,14 +2,14 @@
 
 Level ``l`` average-pools the ``G x G`` grid by ``s = 2**l`` in 2D with floor, so cell ``(i, j)``
 covers rows ``[i*s, (i+1)*s)`` and columns ``[j*s, (j+1)*s)``; tokens beyond ``(G // s) * s``
-belong to no cell.
+belong to no cell. :class:`TopDownFPN` fuses the per-level prediction grids top-down.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def level_grid(grid_size: int, level: int) -> int:
@@ -58,3 +58,78 @@ def masked_cell_mean(values: Tensor, token_index: Tensor, grid_size: int, level:
     )
     counts = values.new_zeros(b, m, g2 + 1).scatter_add_(2, cell, values.new_ones(b, m, k))
     return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :g2]
+
+
+def scatter_level0(values: Tensor, token_index: Tensor, grid_size: int) -> Tensor:
+    """``values [B, M, K, D]`` at level-0 tokens ``token_index [B, M, K]`` -> dense
+    ``[B, M, G*G, D]`` grid, zeros where no value was given."""
+    b, m, _, d = values.shape
+    dense = values.new_zeros(b, m, grid_size * grid_size, d)
+    return dense.scatter(2, token_index.unsqueeze(-1).expand(-1, -1, -1, d), values)
+
+
+def prediction_pyramid(
+    values: Tensor, token_index: Tensor, grid_size: int, levels: int
+) -> list[Tensor]:
+    """Dense per-level grids ``[B, M, g_l*g_l, D]`` of level-0 predictions: level 0 scattered to
+    its tokens, level ``l >= 1`` the mask-aware cell means of :func:`masked_cell_mean`."""
+    return [scatter_level0(values, token_index, grid_size)] + [
+        masked_cell_mean(values, token_index, grid_size, lvl) for lvl in range(1, levels)
+    ]
+
+
+def upsample_cells(coarse: Tensor, grid_size: int, level: int) -> Tensor:
+    """Nearest upsampling from level ``level + 1`` to level ``level`` on the cell grids.
+
+    ``coarse [B, M, g_{l+1}^2, D]`` -> ``[B, M, g_l^2, D]``: cell ``(i, j)`` of level ``l``
+    copies its parent ``(i // 2, j // 2)``, and gets zeros when the parent is beyond the floored
+    coarser grid (odd ``g_l``).
+    """
+    parent = cell_of_token(level_grid(grid_size, level), 1, coarse.device)  # [g_l^2]
+    outside = coarse.shape[2]  # index of an appended zero cell
+    padded = torch.cat([coarse, coarse.new_zeros(*coarse.shape[:2], 1, coarse.shape[3])], dim=2)
+    return padded[:, :, torch.where(parent < 0, outside, parent)]
+
+
+class TopDownFPN(nn.Module):
+    """Top-down feature pyramid over the per-level prediction grids (FPN, Lin et al. 2017).
+
+    With lateral maps ``L_l`` (1x1 = ``Linear`` on token features) and nearest upsampling ``U``
+    over the cell grid, from the coarsest level down:
+
+    .. math::
+        F_{L-1} = L_{L-1}(P_{L-1}), \\qquad
+        F_l = L_l(P_l) + U(F_{l+1}) \\;\\text{(add)}
+        \\quad\\text{or}\\quad W_l [L_l(P_l); U(F_{l+1})] \\;\\text{(concat)},
+
+    so each level's prediction also sees every coarser one. It acts on predictions only;
+    targets never pass through it.
+    """
+
+    def __init__(self, dim: int, levels: int, fusion: str):
+        super().__init__()
+        if fusion not in ("add", "concat"):
+            raise ValueError(f"FPN fusion must be 'add' or 'concat', got {fusion!r}")
+        if levels < 2:
+            raise ValueError("an FPN needs at least two levels")
+        self.fusion = fusion
+        self.lateral = nn.ModuleList(nn.Linear(dim, dim) for _ in range(levels))
+        self.fuse = (
+            nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(levels - 1))
+            if fusion == "concat"
+            else None
+        )
+
+    def forward(self, pyramid: list[Tensor], grid_size: int) -> list[Tensor]:
+        """``pyramid``: per level ``[B, M, g_l^2, D]`` (level 0 first) -> fused, same shapes."""
+        levels = len(self.lateral)
+        fused: list[Tensor] = [pyramid[-1]] * levels
+        fused[-1] = self.lateral[-1](pyramid[-1])
+        for lvl in range(levels - 2, -1, -1):
+            lateral = self.lateral[lvl](pyramid[lvl])
+            up = upsample_cells(fused[lvl + 1], grid_size, lvl)
+            if self.fuse is None:
+                fused[lvl] = lateral + up
+            else:
+                fused[lvl] = self.fuse[lvl](torch.cat([lateral, up], dim=-1))
+        return fused

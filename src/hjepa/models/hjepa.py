@@ -4,6 +4,8 @@ Targets at level ``l`` are the target encoder's level-0 token grid, average-pool
 in 2D and layer-normalised without affine parameters; they never pass through a trainable
 module. A level-``l`` prediction is the mask-aware average of the level-0 predictions inside
 each target cell, mapped by that level's head (Linear + LayerNorm) to the target space.
+Options: an FPN over the per-level prediction grids before the heads (``model.fpn``) and a
+multi-crop view-prediction term (:meth:`HJEPA.view_prediction_loss`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from hjepa.config import ModelConfig
 from hjepa.data.masks import MaskBatch, mask_to_index
-from hjepa.models.hierarchy import masked_cell_mean, pool_tokens
+from hjepa.models.hierarchy import TopDownFPN, masked_cell_mean, pool_tokens, prediction_pyramid
 from hjepa.models.predictor import Predictor
 from hjepa.models.vit import VisionTransformer, gather_tokens
 
@@ -27,6 +29,53 @@ class JEPAOutput:
     predictions: list[Tensor]  # per level [B, M, K_l, D]
     targets: list[Tensor]  # per level [B, M, K_l, D], no gradient
     context: Tensor  # context-encoder tokens [B, Nc, D]
+    pooled_target: Tensor | None = None  # [B, D] mean of the level-0 targets (multi-crop)
+    view_loss: Tensor | None = None  # multi-crop view-prediction term, when views were given
+
+
+@dataclass
+class MaskIndices:
+    """A :class:`MaskBatch` as the gather indices the model consumes.
+
+    Built once per batch on the CPU (:meth:`from_masks`), then moved to the device: the forward
+    pass reads no mask back to the host, so it never waits for the GPU. A level whose blocks
+    are the level-0 blocks holds the *same* tensor object in ``blocks`` (kept by :meth:`rows`
+    and :meth:`to`), and shares level 0's predictor pass.
+    """
+
+    context: Tensor  # [B, Nc] level-0 context token indices
+    blocks: list[Tensor]  # per level: [B, M, Nt_l] level-0 token indices of its blocks
+    cells: list[Tensor]  # per level: [B, M, K_l] target cells on the level-l grid
+
+    @classmethod
+    def from_masks(cls, masks: MaskBatch) -> MaskIndices:
+        first = masks.level_blocks[0]
+        block0 = mask_to_index(first)
+        blocks = [
+            block0 if b is first or torch.equal(b, first) else mask_to_index(b)
+            for b in masks.level_blocks
+        ]
+        cells = [mask_to_index(t) for t in masks.level_targets]
+        return cls(mask_to_index(masks.context), blocks, cells)
+
+    def _map(self, fn) -> MaskIndices:
+        done: dict[int, Tensor] = {}  # keeps shared tensors shared
+
+        def once(t: Tensor) -> Tensor:
+            if id(t) not in done:
+                done[id(t)] = fn(t)
+            return done[id(t)]
+
+        return MaskIndices(
+            once(self.context), [once(b) for b in self.blocks], [once(c) for c in self.cells]
+        )
+
+    def rows(self, rows: slice) -> MaskIndices:
+        """The samples ``rows`` of the batch (e.g. one rank's share ``rank::world_size``)."""
+        return self._map(lambda t: t[rows])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskIndices:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 def build_encoder(cfg: ModelConfig, image_size: int, in_channels: int) -> VisionTransformer:
@@ -39,6 +88,9 @@ def build_encoder(cfg: ModelConfig, image_size: int, in_channels: int) -> Vision
         cfg.num_heads,
         cfg.mlp_ratio,
         cfg.drop_path,
+        pos_embed=cfg.pos_embed,
+        layer_scale=cfg.layer_scale,
+        grad_checkpointing=cfg.grad_checkpointing,
     )
 
 
@@ -51,7 +103,9 @@ def level_features(tokens: Tensor, grid_size: int, levels: int) -> list[Tensor]:
 
 
 class HJEPA(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_size: int, in_channels: int):
+    def __init__(
+        self, cfg: ModelConfig, image_size: int, in_channels: int, *, multicrop: bool = False
+    ):
         super().__init__()
         self.levels = cfg.levels
         self.normalize_targets = cfg.normalize_targets
@@ -66,6 +120,10 @@ class HJEPA(nn.Module):
             cfg.predictor_num_heads,
             cfg.mlp_ratio,
             cfg.drop_path,
+            pos_embed=cfg.pos_embed,
+            layer_scale=cfg.layer_scale,
+            grad_checkpointing=cfg.grad_checkpointing,
+            mode=cfg.predictor_mode,
         )
         self.heads = nn.ModuleList(
             nn.Sequential(
@@ -73,33 +131,80 @@ class HJEPA(nn.Module):
             )
             for _ in range(cfg.levels)
         )
+        # Optional trainable parts, created only when on (off: same modules and RNG draws).
+        self.fpn = (
+            TopDownFPN(cfg.predictor_embed_dim, cfg.levels, cfg.fpn) if cfg.fpn != "none" else None
+        )
+        self.view_projector = None
+        if multicrop:  # identity at init: starts as plain "pooled local = pooled global"
+            self.view_projector = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+            nn.init.eye_(self.view_projector.weight)
+            nn.init.zeros_(self.view_projector.bias)
 
     def train(self, mode: bool = True) -> HJEPA:
         super().train(mode)
         self.target_encoder.eval()  # the EMA copy never uses drop path
         return self
 
+    def optional_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules that exist only with their option on, by checkpoint key."""
+        parts = {"fpn": self.fpn, "view_projector": self.view_projector}
+        return {name: module for name, module in parts.items() if module is not None}
+
     def trainable_modules(self) -> list[nn.Module]:
-        return [self.context_encoder, self.predictor, self.heads]
+        return [self.context_encoder, self.predictor, self.heads, *self.optional_modules().values()]
+
+    def view_prediction_loss(self, views: Tensor, pooled_target: Tensor) -> Tensor:
+        """Multi-crop term (LeJEPA's view prediction) for ``V`` local crops per image.
+
+        ``views [V*B, C, h, w]`` (view-major: rows ``v*B .. v*B+B-1`` are view ``v``) go through
+        the context encoder; each crop's token mean, mapped by ``view_projector``, regresses the
+        stop-gradient pooled target of its global image ``t = pooled_target [B, D]``, in units
+        of the target's per-channel batch variance ``s²_d = Var_b(t_{b,d})`` (no gradient):
+
+        ``mean_{v,b,d} (P(mean_tokens f_θ(view_{v,b}))_d − t_{b,d})² / (s²_d + 1e-4)``.
+
+        1.0 means "no better than the batch mean". Pooled embeddings share a large common
+        component, so the raw MSE is ~1e-3 and would leave the term without effect.
+        """
+        if self.view_projector is None:
+            raise RuntimeError("build HJEPA(..., multicrop=True) to use view_prediction_loss")
+        pooled = self.view_projector(self.context_encoder(views).mean(dim=1)).float()
+        target = pooled_target.detach().float()
+        scale = target.var(dim=0, unbiased=False) + 1e-4
+        target = target.repeat(views.shape[0] // target.shape[0], 1)
+        return ((pooled - target) ** 2 / scale).mean()
 
     @torch.no_grad()
     def target_levels(self, images: Tensor) -> list[Tensor]:
         return level_features(self.target_encoder(images), self.grid_size, self.levels)
 
-    def forward(self, images: Tensor, masks: MaskBatch) -> JEPAOutput:
+    def forward(
+        self, images: Tensor, masks: MaskBatch | MaskIndices, views: Tensor | None = None
+    ) -> JEPAOutput:
+        """Predictions and targets of every level; with multi-crop ``views [V*B, C, h, w]``
+        also the view-prediction term (inside forward, so DDP sees every used parameter)."""
+        idx = masks if isinstance(masks, MaskIndices) else MaskIndices.from_masks(masks)
         targets_full = self.target_levels(images)
-        context_index = masks.context_index()
-        context = self.context_encoder(images, keep=context_index)
+        context = self.context_encoder(images, keep=idx.context)
         predictions, targets = [], []
+        passes: dict[int, Tensor] = {}
+        fused: dict[int, list[Tensor]] = {}  # FPN outputs per predictor pass
         for lvl in range(self.levels):
-            block = masks.level_blocks[lvl]
+            index = idx.blocks[lvl]
             # Constant mode shares the level-0 footprint: one predictor pass serves every level.
-            if lvl == 0 or not torch.equal(block, masks.level_blocks[0]):
-                index = masks.target_index() if lvl == 0 else mask_to_index(block)
-                raw = self.predictor(context, context_index, index)
+            if id(index) not in passes:
+                passes[id(index)] = self.predictor(context, idx.context, index)
+            raw = passes[id(index)]
             b, m = index.shape[:2]
-            cells = masks.level_index(lvl)  # [B, M, K_l]
-            if lvl == 0:
+            cells = idx.cells[lvl]  # [B, M, K_l]
+            if self.fpn is not None:  # dense per-block grids, fused top-down, then gathered
+                if id(index) not in fused:
+                    pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels)
+                    fused[id(index)] = self.fpn(pyramid, self.grid_size)
+                grid = fused[id(index)][lvl]
+                pred = torch.gather(grid, 2, cells.unsqueeze(-1).expand(-1, -1, -1, grid.shape[-1]))
+            elif lvl == 0:
                 pred = raw
             else:
                 pooled = masked_cell_mean(raw, index, self.grid_size, lvl)
@@ -112,4 +217,6 @@ class HJEPA(nn.Module):
                 pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
             predictions.append(pred)
             targets.append(target)
-        return JEPAOutput(predictions, targets, context)
+        pooled = targets_full[0].mean(dim=1)
+        view_loss = None if views is None else self.view_prediction_loss(views, pooled)
+        return JEPAOutput(predictions, targets, context, pooled, view_loss)

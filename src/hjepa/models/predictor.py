@@ -2,8 +2,20 @@
 
 Context tokens are projected to the predictor width and keep their grid positions; each target
 block is represented by a shared learnable mask token plus the position of every token to
-predict. Like I-JEPA, the context is repeated once per target block, so blocks do not see each
-other.
+predict. Two modes compute the predictions (``model.predictor_mode``):
+
+* ``repeat`` (I-JEPA): the context is repeated once per target block, and each copy runs
+  through the blocks together with that block's mask tokens: ``M`` sequences of ``Nc + Nt``
+  tokens, in which context tokens attend to the context and to that block's mask tokens, and
+  mask tokens to the context and their own block.
+* ``shared``: one sequence ``[context, block 1, ..., block M]`` of ``Nc + M Nt`` tokens with a
+  block-diagonal attention mask: mask tokens attend to the context and their own block (as in
+  ``repeat``), context tokens attend to the context only. The context is then processed once
+  instead of ``M`` times; it no longer sees the mask tokens, which is the one difference from
+  ``repeat``. Blocks never see each other in either mode.
+
+In both modes the last block computes only the mask-token rows: the context rows' outputs of
+the last block are never read.
 """
 
 from __future__ import annotations
@@ -11,13 +23,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hjepa.models.rope import grid_positions, rope_tables
 from hjepa.models.vit import (
     Block,
+    Rope,
+    check_pos_embed,
     gather_tokens,
     init_weights,
     rescale_residual_branches,
+    run_blocks,
     sincos_2d,
 )
+
+PREDICTOR_MODES = ("repeat", "shared")
 
 
 class Predictor(nn.Module):
@@ -30,17 +48,50 @@ class Predictor(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        *,
+        pos_embed: str = "sincos",
+        layer_scale: float = 0.0,
+        grad_checkpointing: bool = False,
+        mode: str = "repeat",
     ):
         super().__init__()
+        check_pos_embed(pos_embed, predictor_dim, num_heads)
+        if mode not in PREDICTOR_MODES:
+            raise ValueError(f"predictor mode {mode!r} is not one of {PREDICTOR_MODES}")
+        self.mode = mode
+        self.grid_size = grid_size
+        self.head_dim = predictor_dim // num_heads
+        self.rope = pos_embed == "rope"
+        self.grad_checkpointing = grad_checkpointing
         self.embed = nn.Linear(embed_dim, predictor_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_dim))
-        self.register_buffer("pos_embed", sincos_2d(predictor_dim, grid_size), persistent=False)
+        table = None if self.rope else sincos_2d(predictor_dim, grid_size)
+        self.register_buffer("pos_embed", table, persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(Block(predictor_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(
+            Block(predictor_dim, num_heads, mlp_ratio, r, layer_scale) for r in rates
+        )
         self.norm = nn.LayerNorm(predictor_dim, eps=1e-6)
         init_weights(self)
         rescale_residual_branches(self.blocks)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.04, b=0.04)
+
+    def add_positions(self, x: Tensor, index: Tensor) -> Tensor:
+        """``x [B, K, Dp]`` plus the sin-cos codes of grid indices ``index [B, K]``.
+
+        Under RoPE ``x`` is returned as is: positions enter every attention instead
+        (:meth:`rope_for`).
+        """
+        if self.rope:
+            return x
+        pos = self.pos_embed.to(x.dtype).expand(index.shape[0], -1, -1)
+        return x + gather_tokens(pos, index)
+
+    def rope_for(self, index: Tensor) -> Rope:
+        """RoPE tables for a token sequence with grid indices ``index [B', N']`` (None: sincos)."""
+        if not self.rope:
+            return None
+        return rope_tables(grid_positions(index, self.grid_size), self.head_dim)
 
     def forward(self, context: Tensor, context_index: Tensor, target_index: Tensor) -> Tensor:
         """Predict target tokens.
@@ -54,11 +105,38 @@ class Predictor(nn.Module):
             ``[B, M, Nt, predictor_dim]`` predictions (before the per-level heads).
         """
         b, m, nt = target_index.shape
-        pos = self.pos_embed.to(context.dtype).expand(b, -1, -1)
-        ctx = self.embed(context) + gather_tokens(pos, context_index)
-        queries = self.mask_token + gather_tokens(pos, target_index.reshape(b, m * nt))
-        x = torch.cat([ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x[:, -nt:])
-        return x.reshape(b, m, nt, -1)
+        nc = context_index.shape[1]
+        ctx = self.add_positions(self.embed(context), context_index)
+        queries = self.add_positions(
+            self.mask_token.expand(b, m * nt, -1), target_index.reshape(b, m * nt)
+        )
+        if self.mode == "shared":
+            x = torch.cat([ctx, queries], dim=1)
+            index = torch.cat([context_index, target_index.reshape(b, m * nt)], dim=1)
+            mask = shared_attention_mask(nc, m, nt, x.device)
+        else:
+            x = torch.cat([ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], 1)
+            index = torch.cat(
+                [context_index.repeat_interleave(m, dim=0), target_index.reshape(b * m, nt)], 1
+            )
+            mask = None
+        x = run_blocks(
+            self.blocks,
+            x,
+            self.rope_for(index),
+            self.grad_checkpointing,
+            attn_mask=mask,
+            keep_from=nc,
+        )
+        return self.norm(x).reshape(b, m, nt, -1)
+
+
+def shared_attention_mask(
+    num_context: int, num_blocks: int, block_size: int, device: torch.device | None = None
+) -> Tensor:
+    """``[L, L]`` bool (True: may attend), ``L = Nc + M Nt``, for the sequence ``[context,
+    block 1, ..., block M]``: context rows see the context; block rows see the context and
+    their own block."""
+    group = torch.arange(num_blocks, device=device).repeat_interleave(block_size)
+    group = torch.cat([torch.full((num_context,), -1, device=device), group])
+    return (group[None, :] == -1) | (group[:, None] == group[None, :])

@@ -1,17 +1,54 @@
-"""A small, plain Vision Transformer: patch embedding, fixed 2D sin-cos positions, pre-norm blocks.
+"""A small, plain Vision Transformer: patch embedding, 2D positions, pre-norm blocks.
 
-Attention goes through ``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel
-the hardware has. Tokens can be a subset of the grid (the context), selected by index after the
-positions are added, so a token's position always comes from its grid index.
+Attention goes through ``F.scaled_dot_product_attention``; :func:`attention_backend` pins the
+kernel (``torch.nn.attention.sdpa_kernel``) when ``model.attention`` is not ``auto``. Positions
+are fixed 2D sin-cos codes added to the patch embeddings (``pos_embed="sincos"``) or axial 2D
+RoPE applied to queries and keys in every block (``pos_embed="rope"``, see ``models/rope.py``).
+Tokens can be a subset of the grid (the context), selected by index, and a token's position
+always comes from its grid index. Options: LayerScale (``layer_scale`` > 0), stochastic depth
+(``drop_path``), per-block gradient checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from hjepa.models.rope import apply_rope, grid_positions, rope_tables
+
+ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash")
+POS_EMBEDS = ("sincos", "rope")
+
+Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Run SDPA with one kernel: ``math``, ``efficient`` (memory-efficient) or ``flash``.
+
+    ``auto`` leaves PyTorch's own choice untouched. The flags are process-wide, so a backward
+    pass (and the recomputation of checkpointed blocks) inside the same context uses them too.
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "math": SDPBackend.MATH,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+    }[name]
+    with sdpa_kernel([backend]):
+        yield
 
 
 def sincos_1d(dim: int, positions: Tensor) -> Tensor:
@@ -21,14 +58,20 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid_size: int) -> Tensor:
+def sincos_2d(dim: int, grid_size: int, extent: int | None = None) -> Tensor:
     """Fixed 2D position table ``[grid_size**2, dim]`` in row-major token order.
 
-    Half of the channels encode the row, half the column (each a 1D sin-cos code).
+    Half of the channels encode the row, half the column (each a 1D sin-cos code). With
+    ``extent`` (the grid the model was built for) a ``grid_size`` grid is spread over the same
+    coordinate range, cell centres at ``(i + 1/2) * extent / grid_size - 1/2``: a smaller view
+    (a multi-crop local crop) covers the same span of positions, as interpolated position
+    tables do in DINO.
     """
     if dim % 4:
         raise ValueError(f"embedding width {dim} must be a multiple of 4 for 2D sin-cos positions")
     coords = torch.arange(grid_size)
+    if extent is not None and extent != grid_size:
+        coords = (coords.to(torch.float64) + 0.5) * (extent / grid_size) - 0.5
     rows = sincos_1d(dim // 2, coords).repeat_interleave(grid_size, dim=0)
     cols = sincos_1d(dim // 2, coords).repeat(grid_size, 1)
     return torch.cat([rows, cols], dim=1).float()
@@ -54,6 +97,17 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class LayerScale(nn.Module):
+    """Learnable per-channel gain ``gamma ⊙ x`` on a residual branch (CaiT), ``gamma = init``."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -61,18 +115,38 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, rope: Rope = None, first_query: int = 0
+    ) -> Tensor:
+        """Attention over all tokens of ``x``; outputs only for rows ``first_query`` on (every
+        row still serves as a key and value)."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if first_query:
+            q = q[:, :, first_query:]
+            attn_mask = None if attn_mask is None else attn_mask[..., first_query:, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n - first_query, d))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + dp(ls1 · attn(norm(x)))`` then ``x + dp(ls2 · mlp(norm(x)))``.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    ``dp`` is drop path, ``ls`` LayerScale (the identity when ``layer_scale`` is 0): both act on
+    every residual branch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale: float = 0.0,
+    ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -80,10 +154,45 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path)
+        scale = (lambda: LayerScale(dim, layer_scale)) if layer_scale > 0 else nn.Identity
+        self.ls1, self.ls2 = scale(), scale()
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, rope: Rope = None, first_query: int = 0
+    ) -> Tensor:
+        """``x [B, N, D]`` -> ``[B, N - first_query, D]``: the block's output for rows
+        ``first_query`` on only (a last block whose other rows nobody reads skips them)."""
+        h = self.attn(self.norm1(x), attn_mask, rope, first_query)
+        x = x[:, first_query:] + self.drop_path(self.ls1(h))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    rope: Rope = None,
+    checkpointing: bool = False,
+    *,
+    attn_mask: Tensor | None = None,
+    keep_from: int = 0,
+) -> Tensor:
+    """Apply ``blocks`` in order; with ``checkpointing`` (and autograd on) each block's
+    activations are recomputed in the backward pass instead of stored. The RNG state is
+    replayed, so drop path draws the same masks twice and results are unchanged.
+
+    ``attn_mask`` (bool, True = may attend) goes to every block. Only rows ``keep_from`` on
+    are returned, and the last block computes only those (the same numbers, less work)."""
+    recompute = checkpointing and torch.is_grad_enabled()
+    if not len(blocks):
+        return x[:, keep_from:]
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        first = keep_from if i == last else 0
+        if recompute:
+            x = checkpoint(block, x, attn_mask, rope, first, use_reentrant=False)
+        else:
+            x = block(x, attn_mask, rope, first)
+    return x
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -105,6 +214,13 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
         block.mlp[2].weight.data.div_(math.sqrt(2.0 * i))
 
 
+def check_pos_embed(pos_embed: str, dim: int, num_heads: int) -> None:
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed {pos_embed!r} is not one of {POS_EMBEDS}")
+    if pos_embed == "rope" and (dim // num_heads) % 4:
+        raise ValueError(f"2D RoPE needs a head width divisible by 4, got {dim}/{num_heads}")
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder over a ``grid_size x grid_size`` patch grid; returns normalised tokens."""
 
@@ -118,15 +234,26 @@ class VisionTransformer(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        *,
+        pos_embed: str = "sincos",
+        layer_scale: float = 0.0,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
+        check_pos_embed(pos_embed, embed_dim, num_heads)
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.embed_dim = embed_dim
+        self.head_dim = embed_dim // num_heads
+        self.rope = pos_embed == "rope"
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_2d(embed_dim, self.grid_size), persistent=False)
+        table = None if self.rope else sincos_2d(embed_dim, self.grid_size)
+        self.register_buffer("pos_embed", table, persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, r, layer_scale) for r in rates
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
         rescale_residual_branches(self.blocks)
@@ -134,11 +261,28 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02, a=-0.04, b=0.04)
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """``images [B, C, H, W]`` -> tokens ``[B, N, D]``, or ``[B, K, D]`` for ``keep [B, K]``."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        x = x + self.pos_embed.to(x.dtype)
+        """``images [B, C, H, W]`` -> tokens ``[B, N, D]``, or ``[B, K, D]`` for ``keep [B, K]``.
+
+        ``H = W`` may differ from the built image size (a multi-crop local view, another
+        resolution): RoPE positions are the grid indices of that image's own grid; sin-cos
+        positions are spread over the built grid's range (see :func:`sincos_2d`).
+        """
+        x = self.patch_embed(images)
+        grid = x.shape[-1]
+        if x.shape[-2] != grid:
+            raise ValueError(f"images must be square, got {tuple(images.shape[-2:])}")
+        x = x.flatten(2).transpose(1, 2)
+        if not self.rope:
+            table = self.pos_embed
+            if grid != self.grid_size:
+                table = sincos_2d(self.embed_dim, grid, self.grid_size).to(x.device)
+            x = x + table.to(x.dtype)
         if keep is not None:
             x = gather_tokens(x, keep)
-        for block in self.blocks:
-            x = block(x)
+        rope = None
+        if self.rope:
+            index = keep if keep is not None else torch.arange(grid * grid, device=x.device)
+            positions = grid_positions(index, grid).expand(x.shape[0], -1, -1)
+            rope = rope_tables(positions, self.head_dim)
+        x = run_blocks(self.blocks, x, rope, self.grad_checkpointing)
         return self.norm(x)

@@ -1,60 +1,145 @@
 """Atomic, resumable checkpoints.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
-over the old one, so a crash at any moment leaves either the previous complete checkpoint or the
-new complete one, never a partial file. Loading uses ``weights_only=True``: a checkpoint can
-hold tensors and plain containers, never code.
+A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
+renamed over the old one (``os.replace`` is atomic on POSIX), and the directory is fsynced, so a
+crash or ``kill -9`` at any moment leaves either the previous complete checkpoint or the new
+complete one under the final name, never a partial file. Temporary files have the pattern
+``.<name>.<random>.tmp``; a writer killed mid-write leaves one behind, and
+:func:`remove_stale_temp` deletes them when the next run starts.
+
+Loading uses ``weights_only=True``: a checkpoint can hold tensors and plain containers, never
+code, so a hostile pickle is refused instead of executed.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
 import tempfile
+import time
+import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 LAST = "last.pt"
+CORRUPT_SUFFIX = ".corrupt"
+# Test hook: seconds to pause inside atomic_write with half of the file written, so a test can
+# SIGKILL a writer mid-checkpoint deterministically (tests/test_reliability.py). Unset normally.
+PAUSE_ENV = "HJEPA_FAULT_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message names the file."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
+class CheckpointWriteError(OSError):
+    """A checkpoint that cannot be written (disk full, read-only, not a directory...).
+
+    The previous checkpoint under the same name is untouched. ``errno`` is the cause's.
+    """
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def atomic_write(path: str | Path, write: Any, what: str = "checkpoint") -> None:
+    """Write ``path`` atomically: ``write(file)`` fills a temp file that is then renamed.
+
+    Any ``OSError`` (``ENOSPC``, ``EACCES``, ``ENOTDIR``...) becomes a
+    :class:`CheckpointWriteError` naming ``path``; the old file, if any, is left as it was and
+    the temp file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            pause = os.environ.get(PAUSE_ENV)
+            if pause:  # test hook: leave a half-written temp file on disk for a while
+                buffer = io.BytesIO()
+                write(buffer)
+                data = buffer.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                time.sleep(float(pause))
+                f.write(data[len(data) // 2 :])
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        reason = e.strerror or str(e) or errno.errorcode.get(e.errno or 0, type(e).__name__)
+        raise CheckpointWriteError(e.errno, f"cannot write {what} to {path}: {reason}") from e
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp(directory: str | Path) -> list[Path]:
+    """Delete temp files left by a writer that was killed before its rename; returns them.
+
+    Only call this when no other process writes into ``directory`` (one trainer per run dir).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a plain-weights checkpoint; :class:`CheckpointError` (naming the file) otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        OSError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {path} is unreadable or not a plain-weights checkpoint ({first}); "
-            "delete it to resume from an older one, or start a new run.dir"
+            f"checkpoint {path} is unreadable or not a plain-weights checkpoint ({first[:200]}); "
+            "move it aside to resume from an older one, or start a new run.dir"
         ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not an hjepa checkpoint (no 'step')")
@@ -66,11 +151,66 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def candidates(run_dir: str | Path) -> list[Path]:
-    """``last.pt`` first, then periodic checkpoints newest first."""
+    """``last.pt`` first, then periodic checkpoints ``step_*.pt`` newest first."""
     ckpt = checkpoint_dir(run_dir)
-    periodic = sorted(ckpt.glob("step_*.pt"), key=_step_of, reverse=True)
+    periodic = sorted(
+        (p for p in ckpt.glob("step_*.pt") if _step_of(p) >= 0), key=_step_of, reverse=True
+    )
     last = ckpt / LAST
     return ([last] if last.is_file() else []) + periodic
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename a bad checkpoint to ``<name>.corrupt`` (``.corrupt.1``... if taken), not delete it."""
+    path = Path(path)
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}")
+    os.replace(path, target)
+    return target
+
+
+class CheckpointWarning(UserWarning):
+    """Resuming from an older checkpoint because a newer one is unusable."""
+
+
+def restore_latest(run_dir: str | Path, restore: Callable[[Path], None]) -> Path | None:
+    """Resume from the newest usable checkpoint of ``run_dir``; returns its path (None: none).
+
+    ``restore(path)`` loads one candidate and raises :class:`CheckpointError` when that file is
+    unusable (unreadable, hostile, wrong shapes); other errors (a config that contradicts the
+    run) propagate. Candidates are ``last.pt`` then ``step_*.pt`` newest first. When an older one
+    is used, every newer unusable file is renamed ``<name>.corrupt`` (kept for inspection, and
+    so it is never loaded or overwritten later) and a :class:`CheckpointWarning` says so. When
+    none is usable, nothing is renamed and a :class:`CheckpointError` lists what was tried.
+    """
+    failed: list[tuple[Path, CheckpointError]] = []
+    for path in candidates(run_dir):
+        try:
+            restore(path)
+        except CheckpointError as e:
+            failed.append((path, e))
+            continue
+        if failed:
+            moved = [f"{p.name} -> {move_aside(p).name}" for p, _ in failed]
+            warnings.warn(
+                f"{failed[0][1]}; resumed from the older {path} instead and moved the unusable "
+                f"file(s) aside ({', '.join(moved)})",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        return path
+    if not failed:
+        return None
+    if len(failed) == 1:
+        raise CheckpointError(
+            f"{failed[0][1]} (there is no older checkpoints/step_*.pt to fall back on; "
+            "run.keep_every > 0 keeps them)"
+        )
+    tried = "; ".join(str(e) for _, e in failed[1:])
+    raise CheckpointError(f"{failed[0][1]}; no older checkpoint is usable either: {tried}")
 
 
 def _step_of(path: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,31 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str,
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    # A line cut short by a killed writer is skipped (the next resume drops it for good).
+    records = [json.loads(line) for line in lines if _step_of_line(line) is not None]
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
+def _step_of_line(line: str) -> int | None:
+    """The record's step, or None for a line cut short by a killed writer."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 def truncate_after(run_dir: str | Path, step: int) -> None:
-    """Drop records past ``step`` (written by a run that died before its next checkpoint)."""
+    """Drop records past ``step`` (written by a run that died before its next checkpoint) and
+    any partial line a killed writer left. The rewrite is atomic (temp file, then rename)."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in path.read_text().splitlines():
+            line_step = _step_of_line(line) if line.strip() else None
+            if line_step is not None and line_step <= step:
+                kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
