@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -194,19 +193,19 @@ def test_ablation_table_is_mean_and_sample_std_over_seeds(tmp_path):
     assert "| one | 1/1 | 0.4000 |" in table
 
 
-def test_summarize_runs_script_prints_the_same_table(tmp_path):
+def test_summarize_runs_script_prints_the_same_table(tmp_path, capsys):
     for name, knn in (("x_s0", 0.5), ("x_s1", 0.7)):
         write_eval(tmp_path / "runs" / name, knn, knn, False)
         cfg = load_config(None, [*TINY, f"run.dir={tmp_path / 'runs' / name}"])
         (tmp_path / "runs" / name / "config.yaml").write_text(dump_yaml(cfg))
-    script = ROOT / "benchmarks" / "summarize_runs.py"
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "runs"), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        check=True,
+    spec = importlib.util.spec_from_file_location(
+        "summarize_runs", ROOT / "benchmarks" / "summarize_runs.py"
     )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
     rows = ablation_rows(group_runs(sorted((tmp_path / "runs").iterdir())))
-    assert done.stdout == ablation_markdown(rows)
-    assert "| x | 2/2 | 0.6000 ± 0.1414 |" in done.stdout
+    assert printed == ablation_markdown(rows)
+    assert "| x | 2/2 | 0.6000 ± 0.1414 |" in printed
     assert (tmp_path / "o" / "ablation.png").stat().st_size > 0

@@ -292,9 +292,10 @@ def test_hostile_pickle_is_refused_and_its_code_never_runs(tiny_config, tmp_path
     assert not marker.exists()
 
 
-def test_export_round_trip_rebuilds_the_target_encoder(tiny_config, tmp_path, capsys):
+@pytest.mark.parametrize("arch", [(), ("model.pos_embed=rope", "model.layer_scale=0.1")])
+def test_export_round_trip_rebuilds_the_target_encoder(tiny_config, tmp_path, capsys, arch):
     run = tmp_path / "run"
-    Trainer(tiny_config("train.max_steps=2")).fit()
+    Trainer(tiny_config("train.max_steps=2", *arch)).fit()
     out = tmp_path / "share/enc.safetensors"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
@@ -306,7 +307,7 @@ def test_export_round_trip_rebuilds_the_target_encoder(tiny_config, tmp_path, ca
     assert encoder.state_dict().keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(encoder.state_dict()[key], value), key
-    cfg = tiny_config()
+    cfg = tiny_config(*arch)
     reference = build_encoder(cfg.model, 32, 1)
     reference.load_state_dict(state)
     images = torch.randn(3, 1, 32, 32)
@@ -368,16 +369,16 @@ def test_nan_in_one_level_stops_with_the_step_and_term_and_keeps_the_checkpoint(
 
 
 def test_cli_reports_a_nan_stop_in_one_line(tmp_path, monkeypatch, capsys):
-    import hjepa.train.trainer as trainer_module
+    import hjepa.losses.combined as objective_module  # the trainer's loss goes through it
 
-    real = trainer_module.prediction_loss
+    real = objective_module.prediction_loss
 
     def nan_in_level1(*args, **kwargs):
         loss, per_level = real(*args, **kwargs)
         per_level = [per_level[0], per_level[1] * float("nan"), *per_level[2:]]
         return loss + per_level[1], per_level
 
-    monkeypatch.setattr(trainer_module, "prediction_loss", nan_in_level1)
+    monkeypatch.setattr(objective_module, "prediction_loss", nan_in_level1)
     run = tmp_path / "run"
     assert main(["train", "--config", "quickstart", *TINY, f"run.dir={run}"]) == 1
     err = capsys.readouterr().err

@@ -14,7 +14,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     trainer = train(cfg)
-    print(f"trained {trainer.step}/{trainer.total_steps} steps; run dir: {cfg.run.dir}")
+    if trainer.dist.is_main:  # one line per job, not per torchrun rank
+        print(f"trained {trainer.step}/{trainer.total_steps} steps; run dir: {cfg.run.dir}")
     return 0
 
 

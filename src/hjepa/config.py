@@ -126,6 +126,10 @@ class ModelConfig:
     layer_scale: float = 0.0  # LayerScale initial gain on every residual branch (0: off)
     grad_checkpointing: bool = False  # recompute each block in backward (less memory)
     fpn: str = "none"  # none | add | concat: top-down pathway over the level predictions
+    # ema: targets from an EMA copy of the context encoder; shared: from the context encoder
+    # itself on the full image (LeJEPA's EMA-free mode; needs an anti-collapse regulariser)
+    target: str = "ema"
+    target_stop_grad: bool = True  # shared targets carry no gradient (false: they do)
 
 
 @dataclass
@@ -142,9 +146,19 @@ class MaskingConfig:
 class LossConfig:
     distance: str = "mse"  # mse | smooth_l1
     level_weights: list[float] = field(default_factory=list)  # [] -> [1.0, 0.7, 0.5, 0.35][:levels]
-    regularizer: str = "none"  # none | sigreg (on the context encoder's tokens)
+    regularizer: str = "none"  # none | sigreg | vicreg | sigreg+vicreg (docs/regularizers.md)
+    regularize_on: str = "context"  # what SIGReg sees: context | predictor | pooled
     sigreg_weight: float = 0.05
     sigreg_slices: int = 1024
+    vicreg_weight: float = 0.04  # x (var_w * var + cov_w * cov + inv_w * inv), two views
+    vicreg_var_weight: float = 25.0
+    vicreg_cov_weight: float = 1.0
+    vicreg_inv_weight: float = 25.0  # the paper's similarity (invariance) coefficient
+    contrastive: bool = False  # C-JEPA: NT-Xent between the pooled embeddings of two views
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    contrastive_hidden_dim: int = 512  # projection head: Linear-BN-GELU-Linear
+    contrastive_out_dim: int = 128
 
 
 @dataclass
@@ -191,8 +205,10 @@ CHOICES = {
     "model.attention": ("auto", "math", "efficient", "flash"),
     "model.pos_embed": ("sincos", "rope"),
     "model.fpn": ("none", "add", "concat"),
+    "model.target": ("ema", "shared"),
     "loss.distance": ("mse", "smooth_l1"),
-    "loss.regularizer": ("none", "sigreg"),
+    "loss.regularizer": ("none", "sigreg", "vicreg", "sigreg+vicreg"),
+    "loss.regularize_on": ("context", "predictor", "pooled"),
 }
 
 
@@ -387,6 +403,13 @@ MINIMUM = {
     "masking.min_context": 1,
     "loss.sigreg_weight": 0.0,
     "loss.sigreg_slices": 1,
+    "loss.vicreg_weight": 0.0,
+    "loss.vicreg_var_weight": 0.0,
+    "loss.vicreg_cov_weight": 0.0,
+    "loss.vicreg_inv_weight": 0.0,
+    "loss.contrastive_weight": 0.0,
+    "loss.contrastive_hidden_dim": 1,
+    "loss.contrastive_out_dim": 1,
     "eval.knn_k": 1,
     "eval.batch_size": 1,
 }
@@ -510,6 +533,56 @@ def validate(cfg: Config) -> None:
     _check_masks_feasible(cfg)
     _validate_eval(cfg.eval)
     _validate_encoder_options(cfg)
+    _validate_regularizers(cfg)
+
+
+def _validate_regularizers(cfg: Config) -> None:
+    """Anti-collapse terms and the EMA-free target: each accepted setting must act."""
+    loss, m = cfg.loss, cfg.model
+    terms = loss.regularizer.split("+")
+    if m.target == "shared":
+        if loss.regularizer == "none":
+            raise ConfigError(
+                "model.target=shared needs loss.regularizer=sigreg (or vicreg): without an EMA "
+                "teacher nothing stops the encoder from collapsing to a constant"
+            )
+        if cfg.train.ema_timing != "after_step":
+            raise ConfigError(
+                "train.ema_timing=before_step has no EMA to time with model.target=shared: "
+                "leave train.ema_timing=after_step"
+            )
+    elif not m.target_stop_grad:
+        raise ConfigError(
+            "model.target_stop_grad=false needs model.target=shared (the EMA target encoder "
+            "never gets gradients)"
+        )
+    if loss.regularize_on != "context" and "sigreg" not in terms:
+        raise ConfigError(
+            f"loss.regularize_on={loss.regularize_on} chooses what SIGReg sees, but "
+            f"loss.regularizer={loss.regularizer}: add sigreg (VICReg always uses the pooled "
+            "embeddings of two views)"
+        )
+    if loss.regularize_on == "pooled" and m.levels < 2:
+        raise ConfigError(
+            "loss.regularize_on=pooled with model.levels=1 is loss.regularize_on=context "
+            "(no coarser level to pool to): use context or model.levels >= 2"
+        )
+    if "sigreg" in terms and loss.sigreg_weight <= 0:
+        raise ConfigError("loss.sigreg_weight must be > 0 with SIGReg on (or drop sigreg)")
+    if "vicreg" in terms:
+        if loss.vicreg_weight <= 0:
+            raise ConfigError("loss.vicreg_weight must be > 0 with VICReg on (or drop vicreg)")
+        if loss.vicreg_var_weight + loss.vicreg_cov_weight + loss.vicreg_inv_weight <= 0:
+            raise ConfigError(
+                "loss.vicreg_var_weight, vicreg_cov_weight and vicreg_inv_weight are all 0: "
+                "give one of them a weight > 0 (paper: 25, 1, 25) or drop vicreg"
+            )
+    if loss.contrastive_temperature <= 0:
+        raise ConfigError("loss.contrastive_temperature must be > 0, e.g. 0.1")
+    if loss.contrastive and loss.contrastive_weight <= 0:
+        raise ConfigError(
+            "loss.contrastive_weight must be > 0 with loss.contrastive=true (or set it false)"
+        )
 
 
 def check_attention(attention: str, device: str, precision: str) -> None:

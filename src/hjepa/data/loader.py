@@ -122,6 +122,11 @@ class EpochLoader:
                 generator=torch.Generator().manual_seed(seed),
             )
 
+    @property
+    def in_memory(self) -> bool:
+        """True for an :class:`ImageTensors` (no decoding, nothing is ever skipped)."""
+        return self._in_memory
+
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
         if self.drop_last:

@@ -354,6 +354,8 @@ class SIGReg(nn.Module):
         num_points: quadrature nodes of the Epps–Pulley statistic.
         t_max: last quadrature node.
         seed: mixed with the step into the direction generator (same on every rank).
+        distributed: aggregate over ranks (below); ``False`` for a statistic of this rank's
+            data alone (a diagnostic that only rank 0 computes).
 
     Call as ``sigreg(z, step=global_step)`` with ``z`` of shape ``[N, D]``: fresh directions are
     drawn from a generator seeded by ``(seed, step)``, so every rank uses the same ones and a
@@ -371,7 +373,13 @@ class SIGReg(nn.Module):
     """
 
     def __init__(
-        self, num_slices: int = 1024, num_points: int = 17, t_max: float = 3.0, seed: int = 0
+        self,
+        num_slices: int = 1024,
+        num_points: int = 17,
+        t_max: float = 3.0,
+        seed: int = 0,
+        *,
+        distributed: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(num_slices, int) or num_slices < 1:
@@ -381,6 +389,7 @@ class SIGReg(nn.Module):
         self.num_points = num_points
         self.t_max = float(t_max)
         self.seed = seed
+        self.distributed = distributed
 
     def extra_repr(self) -> str:
         return f"num_slices={self.num_slices}, num_points={self.num_points}, t_max={self.t_max}"
@@ -413,4 +422,6 @@ class SIGReg(nn.Module):
                 )
             # Slice-major projections ([K, N] contiguous) are what the statistic reads.
             projections = (directions.to(z.dtype).mT @ z.mT).mT
-            return epps_pulley(projections, self.num_points, self.t_max, distributed=True).mean()
+            return epps_pulley(
+                projections, self.num_points, self.t_max, distributed=self.distributed
+            ).mean()

@@ -4,13 +4,17 @@ Targets at level ``l`` are the target encoder's level-0 token grid, average-pool
 in 2D and layer-normalised without affine parameters; they never pass through a trainable
 module. A level-``l`` prediction is the mask-aware average of the level-0 predictions inside
 each target cell, mapped by that level's head (Linear + LayerNorm) to the target space.
-Options: an FPN over the per-level prediction grids before the heads (``model.fpn``) and a
-multi-crop view-prediction term (:meth:`HJEPA.view_prediction_loss`).
+Options: an FPN over the per-level prediction grids before the heads (``model.fpn``), a
+multi-crop view-prediction term (:meth:`HJEPA.view_prediction_loss`), a second augmented view
+whose pooled context embedding feeds VICReg / C-JEPA (with a contrastive projection head), and
+the EMA-free target (``model.target=shared``): targets from the context encoder itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from hjepa.config import ModelConfig
 from hjepa.data.masks import MaskBatch, mask_to_index
+from hjepa.losses.contrastive import ProjectionHead
 from hjepa.models.hierarchy import TopDownFPN, masked_cell_mean, pool_tokens, prediction_pyramid
 from hjepa.models.predictor import Predictor
 from hjepa.models.vit import VisionTransformer, gather_tokens
@@ -31,6 +36,11 @@ class JEPAOutput:
     context: Tensor  # context-encoder tokens [B, Nc, D]
     pooled_target: Tensor | None = None  # [B, D] mean of the level-0 targets (multi-crop)
     view_loss: Tensor | None = None  # multi-crop view-prediction term, when views were given
+    context_index: Tensor | None = None  # [B, Nc] grid positions of the context tokens
+    # Two augmented views (``second`` given): per view the mean of its context tokens [B, D]
+    # under the same context mask, and their contrastive projections [B, P] (projector on).
+    pooled_views: tuple[Tensor, Tensor] | None = None
+    projected_views: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass
@@ -102,15 +112,43 @@ def level_features(tokens: Tensor, grid_size: int, levels: int) -> list[Tensor]:
     ]
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (no drop path) for the duration, then its mode restored."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class HJEPA(nn.Module):
+    """Context encoder, target encoder, shared predictor and per-level heads.
+
+    ``cfg.target="ema"``: the target encoder is an EMA copy (a submodule, updated by the
+    trainer). ``"shared"``: there is no copy; :attr:`target_encoder` *is* the context encoder,
+    run on the full image in eval mode, under ``no_grad`` when ``cfg.target_stop_grad``.
+    ``contrastive=(hidden, out)`` adds the C-JEPA projection head ``contrastive_projector``.
+    """
+
     def __init__(
-        self, cfg: ModelConfig, image_size: int, in_channels: int, *, multicrop: bool = False
+        self,
+        cfg: ModelConfig,
+        image_size: int,
+        in_channels: int,
+        *,
+        multicrop: bool = False,
+        contrastive: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.levels = cfg.levels
         self.normalize_targets = cfg.normalize_targets
+        self.shared_target = cfg.target == "shared"
+        self.target_stop_grad = cfg.target_stop_grad
         self.context_encoder = build_encoder(cfg, image_size, in_channels)
-        self.target_encoder = copy.deepcopy(self.context_encoder).requires_grad_(False)
+        if not self.shared_target:  # registered as a submodule (nn.Module.__setattr__)
+            self.target_encoder = copy.deepcopy(self.context_encoder).requires_grad_(False)
         self.grid_size = self.context_encoder.grid_size
         self.predictor = Predictor(
             self.grid_size,
@@ -140,15 +178,29 @@ class HJEPA(nn.Module):
             self.view_projector = nn.Linear(cfg.embed_dim, cfg.embed_dim)
             nn.init.eye_(self.view_projector.weight)
             nn.init.zeros_(self.view_projector.bias)
+        self.contrastive_projector = None
+        if contrastive is not None:
+            hidden, out = contrastive
+            self.contrastive_projector = ProjectionHead(cfg.embed_dim, hidden, out)
+
+    @property
+    def target_encoder(self) -> VisionTransformer:
+        """The encoder targets come from: the EMA copy, or the context encoder (shared)."""
+        return self.context_encoder if self.shared_target else self._modules["target_encoder"]
 
     def train(self, mode: bool = True) -> HJEPA:
         super().train(mode)
-        self.target_encoder.eval()  # the EMA copy never uses drop path
+        if not self.shared_target:
+            self.target_encoder.eval()  # the EMA copy never uses drop path
         return self
 
     def optional_modules(self) -> dict[str, nn.Module]:
         """Trainable modules that exist only with their option on, by checkpoint key."""
-        parts = {"fpn": self.fpn, "view_projector": self.view_projector}
+        parts = {
+            "fpn": self.fpn,
+            "view_projector": self.view_projector,
+            "contrastive_projector": self.contrastive_projector,
+        }
         return {name: module for name, module in parts.items() if module is not None}
 
     def trainable_modules(self) -> list[nn.Module]:
@@ -175,15 +227,27 @@ class HJEPA(nn.Module):
         target = target.repeat(views.shape[0] // target.shape[0], 1)
         return ((pooled - target) ** 2 / scale).mean()
 
-    @torch.no_grad()
     def target_levels(self, images: Tensor) -> list[Tensor]:
-        return level_features(self.target_encoder(images), self.grid_size, self.levels)
+        """Per-level targets of the full images: EMA encoder (no gradient), or the context
+        encoder in eval mode (no drop path), with gradient only when not stop-gradient."""
+        if not self.shared_target:
+            with torch.no_grad():
+                return level_features(self.target_encoder(images), self.grid_size, self.levels)
+        grad = torch.is_grad_enabled() and not self.target_stop_grad
+        with _eval_mode(self.context_encoder), torch.set_grad_enabled(grad):
+            return level_features(self.context_encoder(images), self.grid_size, self.levels)
 
     def forward(
-        self, images: Tensor, masks: MaskBatch | MaskIndices, views: Tensor | None = None
+        self,
+        images: Tensor,
+        masks: MaskBatch | MaskIndices,
+        views: Tensor | None = None,
+        second: Tensor | None = None,
     ) -> JEPAOutput:
         """Predictions and targets of every level; with multi-crop ``views [V*B, C, h, w]``
-        also the view-prediction term (inside forward, so DDP sees every used parameter)."""
+        also the view-prediction term, and with a second augmented view ``second [B, C, H, W]``
+        of the same images the pooled embeddings of both views (and their contrastive
+        projections). All inside forward, so DDP sees every used parameter."""
         idx = masks if isinstance(masks, MaskIndices) else MaskIndices.from_masks(masks)
         targets_full = self.target_levels(images)
         context = self.context_encoder(images, keep=idx.context)
@@ -219,4 +283,22 @@ class HJEPA(nn.Module):
             targets.append(target)
         pooled = targets_full[0].mean(dim=1)
         view_loss = None if views is None else self.view_prediction_loss(views, pooled)
-        return JEPAOutput(predictions, targets, context, pooled, view_loss)
+        pooled_views = projected = None
+        if second is not None:
+            # The second view keeps the first view's context positions: both embeddings are
+            # means over the same grid cells of two different crops of the image.
+            second_context = self.context_encoder(second, keep=idx.context)
+            pooled_views = (context.mean(dim=1), second_context.mean(dim=1))
+            if self.contrastive_projector is not None:  # one batch through the BatchNorm
+                both = self.contrastive_projector(torch.cat(pooled_views))
+                projected = tuple(both.chunk(2))
+        return JEPAOutput(
+            predictions,
+            targets,
+            context,
+            pooled,
+            view_loss,
+            context_index=idx.context,
+            pooled_views=pooled_views,
+            projected_views=projected,
+        )

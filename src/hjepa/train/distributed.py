@@ -113,18 +113,22 @@ def cleanup(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_trainable(model: nn.Module, frozen: nn.Module, env: DistEnv, device: torch.device):
+def wrap_trainable(
+    model: nn.Module, frozen: nn.Module | None, env: DistEnv, device: torch.device
+):
     """``model`` in ``DistributedDataParallel`` (or ``model`` itself in one process).
 
     ``frozen`` (the target encoder, a submodule of ``model``) is excluded from DDP: its
-    parameters are neither broadcast nor reduced (each rank updates it by EMA).
+    parameters are neither broadcast nor reduced (each rank updates it by EMA). None when
+    there is no separate target encoder (``model.target=shared``).
     """
     if not env.enabled:
         return model
-    prefix = next(name for name, mod in model.named_modules() if mod is frozen)
-    ignored = [f"{prefix}.{name}" for name, _ in frozen.named_parameters()]
-    ignored += [f"{prefix}.{name}" for name, _ in frozen.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    if frozen is not None:
+        prefix = next(name for name, mod in model.named_modules() if mod is frozen)
+        ignored = [f"{prefix}.{name}" for name, _ in frozen.named_parameters()]
+        ignored += [f"{prefix}.{name}" for name, _ in frozen.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -161,3 +165,12 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def sum_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
+    """Sum of a per-rank count (e.g. skipped images); every rank must call it."""
+    if not env.enabled:
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())

@@ -2,8 +2,10 @@
 
 A falling JEPA loss proves nothing (a collapsed encoder drives it to zero), so every
 ``train.knn_every`` steps the target encoder's features of a fixed train subset (memory bank)
-and a fixed held-out test subset are compared with a kNN, and per level the embedding std and
-effective rank of the test features are logged.
+and a fixed held-out test subset are compared with a kNN, and per level the embedding std,
+effective rank, collapse verdict and SIGReg statistic of the test features are logged (the
+statistic whether or not SIGReg is in the loss). :func:`collapse_warning` turns a collapsed
+verdict into the warning line the trainer prints.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hjepa.data.datasets import ImageTensors, build_dataset
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features
 from hjepa.eval.knn import knn_accuracy
+from hjepa.losses.sigreg import SIGReg
 from hjepa.models.vit import VisionTransformer
 
 
@@ -33,10 +36,35 @@ def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     return Subset(dataset, index.tolist())
 
 
+#: Directions of the probe's SIGReg statistic: fixed (step 0) and independent of the loss
+#: settings, so values are comparable between probes and between runs.
+PROBE_SIGREG_SLICES = 1024
+
+
+def collapse_warning(step: int, probe: dict) -> str | None:
+    """A one-line warning naming the collapsed levels of a probe record, or None."""
+    levels = [k.removeprefix("collapsed_") for k, v in probe.items() if k.startswith("collapsed_")]
+    collapsed = [name for name in levels if probe[f"collapsed_{name}"]]
+    if not collapsed:
+        return None
+    detail = ", ".join(
+        f"{name}: effective rank {probe[f'rank_{name}']:.2f}, "
+        f"normalized std {probe[f'std_{name}']:.3g}"
+        for name in collapsed
+    )
+    return (
+        f"WARNING: step {step}: collapsed features at {', '.join(collapsed)} ({detail}); "
+        "the encoder maps images to (nearly) the same embedding: use loss.regularizer=sigreg, "
+        "or check optim.lr and the EMA settings"
+    )
+
+
 class OnlineProbe:
     def __init__(self, cfg: Config, channels: int, mean: Tensor, std: Tensor, device):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
         self._sets: tuple[Dataset, Dataset, int] | None = None
+        # Rank 0 alone probes: a statistic of its features, no collective with other ranks.
+        self.sigreg = SIGReg(PROBE_SIGREG_SLICES, distributed=False)
 
     def _datasets(self) -> tuple[Dataset, Dataset, int]:
         if self._sets is None:  # loaded on first use, so short runs that never probe pay nothing
@@ -87,4 +115,7 @@ class OnlineProbe:
                 out[f"std_{name}"] = report["normalized_embedding_std"]
                 out[f"rank_{name}"] = report["effective_rank"]
                 out[f"collapsed_{name}"] = report["collapsed"]
+                # What SIGReg would say of these features: about 1 for N(0, I), large when
+                # collapsed (it grows with the number of images).
+                out[f"sigreg_{name}"] = float(self.sigreg(feats.float(), step=0))
         return out

@@ -24,15 +24,14 @@ from hjepa.data.loader import EpochLoader
 from hjepa.data.masks import MultiBlockMaskSampler
 from hjepa.data.multicrop import LocalCrops
 from hjepa.data.normalize import channel_stats
-from hjepa.losses.prediction import prediction_loss
-from hjepa.losses.sigreg import SIGReg
+from hjepa.losses.combined import Objective
 from hjepa.models.hjepa import HJEPA, MaskIndices
 from hjepa.models.vit import attention_backend
 from hjepa.train import checkpoint as ckpt
 from hjepa.train import distributed
 from hjepa.train.ema import ema_update
 from hjepa.train.logging import MetricsLogger, truncate_after
-from hjepa.train.monitor import OnlineProbe
+from hjepa.train.monitor import OnlineProbe, collapse_warning
 from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, linear, warmup_cosine
 
@@ -166,16 +165,29 @@ class Trainer:
             else None
         )
         torch.manual_seed(t.seed)  # model initialisation
+        loss = cfg.loss
         self.model = HJEPA(
-            cfg.model, d.image_size, self.channels, multicrop=self.local_crops is not None
+            cfg.model,
+            d.image_size,
+            self.channels,
+            multicrop=self.local_crops is not None,
+            contrastive=(
+                (loss.contrastive_hidden_dim, loss.contrastive_out_dim)
+                if loss.contrastive
+                else None
+            ),
         ).to(self.device)
+        self.shared_target = self.model.shared_target  # EMA-free: no target copy, no EMA
         if t.compile:  # in place: state dict keys stay those of the plain modules
-            for module in (self.model.context_encoder, self.model.target_encoder):
+            for module in {self.model.context_encoder, self.model.target_encoder}:
                 module.compile(dynamic=True)  # token counts change every step
             self.model.predictor.compile(dynamic=True)
         # The module the forward pass goes through: DDP over the trainable parts, or the model.
         self.ddp = distributed.wrap_trainable(
-            self.model, self.model.target_encoder, self.dist, self.device
+            self.model,
+            None if self.shared_target else self.model.target_encoder,
+            self.dist,
+            self.device,
         )
         self.params = [p for mod in self.model.trainable_modules() for p in mod.parameters()]
         self.optimizer = build_optimizer(self.model.trainable_modules(), cfg.optim)
@@ -183,7 +195,15 @@ class Trainer:
             raise ConfigError(f"train.precision=fp16 needs a CUDA GPU, not {self.device.type}")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.weights = level_weights(cfg)
-        self.sigreg = SIGReg(cfg.loss.sigreg_slices) if cfg.loss.regularizer == "sigreg" else None
+        # Prediction loss + regularisers + contrast, every term logged (losses/combined.py).
+        self.objective = Objective.from_config(cfg, multicrop=self.local_crops is not None)
+        self.sigreg = self.objective.sigreg  # None unless SIGReg is on
+        self.two_views = self.objective.needs_two_views
+        if self.two_views and self.micro_batch < 2:
+            raise ConfigError(
+                f"VICReg / loss.contrastive compare images within a micro-batch, but each rank "
+                f"gets {self.micro_batch}: raise train.batch_size or lower train.accum_steps"
+            )
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite=skip)
         self.skip_reason: str | None = None  # why the latest step was skipped, if it was
@@ -245,11 +265,16 @@ class Trainer:
                 f"{self.run_dir} was trained with multi-crop: resume with the same "
                 "data.multicrop.num_local or use a new run.dir"
             )
+        if "contrastive_projector" in state and "contrastive_projector" not in optional:
+            raise ConfigError(
+                f"{self.run_dir} was trained with loss.contrastive=true: resume with it "
+                "or use a new run.dir"
+            )
         for name, module in optional.items():
             if name not in state:
                 raise ConfigError(
                     f"{self.run_dir} was trained without the {name} of this config "
-                    "(model.fpn / data.multicrop.num_local): use a new run.dir"
+                    "(model.fpn / data.multicrop.num_local / loss.contrastive): use a new run.dir"
                 )
             module.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -343,6 +368,10 @@ class Trainer:
         aug_gen = torch.Generator().manual_seed(step_seed(seed, micro, 0))
         mask_gen = torch.Generator().manual_seed(step_seed(seed, micro, 1))
         torch.manual_seed(distributed.rank_seed(step_seed(seed, micro, 2), env))  # drop path
+        if 0 < images.shape[0] < self.micro_batch:  # the loader dropped unreadable images
+            # Refill from the same batch: every rank keeps the shapes and draws of the others.
+            refill = torch.arange(self.micro_batch - images.shape[0]) % images.shape[0]
+            images = torch.cat([images, images[refill]])
         raw = images.to(self.device, non_blocking=True)
         shard = (env.rank, env.world_size)
         x = self.augment(raw, aug_gen, shard=shard)
@@ -358,38 +387,53 @@ class Trainer:
         index = MaskIndices.from_masks(masks).rows(env.shard())
         return x, index.to(self.device, non_blocking=True), views
 
+    def second_view(self, images: Tensor, micro: int) -> Tensor:
+        """Another augmentation of the same images (VICReg / C-JEPA): the crop, flip and DeiT
+        III pipeline of :meth:`prepare_inputs`, from independent generators (purposes 3, 4),
+        drawn for the global micro-batch like the first view. Moves no other random stream."""
+        seed, env = self.cfg.train.seed, self.dist
+        shard = (env.rank, env.world_size)
+        aug_gen = torch.Generator().manual_seed(step_seed(seed, micro, 3))
+        x = self.augment(images.to(self.device, non_blocking=True), aug_gen, shard=shard)
+        if self.extra_augment is not None:
+            extra_gen = torch.Generator().manual_seed(step_seed(seed, micro, 4))
+            x = self.extra_augment(x, extra_gen, shard)
+        return x
+
     def forward_backward(
-        self, x: Tensor, index: MaskIndices, views: Tensor | None = None, sync: bool = True
+        self,
+        x: Tensor,
+        index: MaskIndices,
+        views: Tensor | None = None,
+        sync: bool = True,
+        second: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Loss of one micro-batch and its backward; ``sync=False`` skips DDP's gradient
-        all-reduce (micro-batches before the last of an accumulated step)."""
+        all-reduce (micro-batches before the last of an accumulated step). ``second``: the
+        second augmented view the objective needs when VICReg or the contrastive term is on.
+        Returns the total and every term, in the order of ``objective.term_names``."""
+        if self.two_views and second is None:
+            raise ValueError("VICReg / loss.contrastive need second=trainer.second_view(...)")
         no_sync = self.ddp.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
         # The SDPA kernel choice (model.attention) covers the backward and its recomputations.
         with no_sync, attention_backend(self.cfg.model.attention):
             with self._autocast():
-                out = self.ddp(x, index) if views is None else self.ddp(x, index, views)
-                loss, per_level = prediction_loss(
-                    out.predictions, out.targets, self.weights, self.cfg.loss.distance
-                )
-                if self.sigreg is not None:
-                    reg = self.sigreg(out.context.flatten(0, 1), step=self.step)
-                    loss = loss + self.cfg.loss.sigreg_weight * reg
-                    per_level = [*per_level, reg]
-                if out.view_loss is not None:
-                    loss = loss + self.cfg.data.multicrop.weight * out.view_loss
-                    per_level = [*per_level, out.view_loss]
+                if second is not None:
+                    out = self.ddp(x, index, views, second)
+                else:
+                    out = self.ddp(x, index) if views is None else self.ddp(x, index, views)
+                loss, terms = self.objective(out, step=self.step)
             self.scaler.scale(loss / self.cfg.train.accum_steps).backward()
-        return loss.detach(), [p.detach() for p in per_level]
+        return loss.detach(), [t.detach() for t in terms.values()]
 
     def _micro_step(
         self, images: Tensor, micro: int, sync: bool = True
     ) -> tuple[Tensor, list[Tensor]]:
-        return self.forward_backward(*self.prepare_inputs(images, micro), sync=sync)
+        second = self.second_view(images, micro) if self.two_views else None
+        return self.forward_backward(*self.prepare_inputs(images, micro), sync=sync, second=second)
 
     def _term_names(self, count: int) -> list[str]:
-        names = ["loss", *(f"loss_level{i}" for i in range(self.cfg.model.levels))]
-        names += ["sigreg"] if self.sigreg is not None else []
-        names += ["multicrop"] if self.local_crops is not None else []
+        names = ["loss", *self.objective.term_names]
         return names if len(names) == count else [f"term{i}" for i in range(count)]
 
     def _nonfinite(self, terms: Tensor | None, grad_norm: Tensor) -> str | None:
@@ -433,12 +477,13 @@ class Trainer:
             self.step += 1
             return grad_norm
         momentum = self.momentum_at(self.step)
-        if t.ema_timing == "before_step":  # the old bug, reproduced for the ablation only
+        ema = not self.shared_target  # EMA-free (model.target=shared): nothing to average
+        if ema and t.ema_timing == "before_step":  # the old bug, for the ablation only
             ema_update(self.model.target_encoder, self.model.context_encoder, momentum)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if t.ema_timing == "after_step":
+        if ema and t.ema_timing == "after_step":
             ema_update(self.model.target_encoder, self.model.context_encoder, momentum)
         self.step += 1
         return grad_norm
@@ -503,27 +548,25 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == end:
                 elapsed = time.perf_counter() - window_start
                 values = mean_terms.tolist()
+                named = dict(zip(self._term_names(len(values)), values))
+                # The prediction part of the loss, sum_l w_l * loss_level_l.
+                pred = sum(w * named[f"loss_level{i}"] for i, w in enumerate(self.weights))
                 last = {
-                    "loss": values[0],
-                    **{
-                        f"loss_level{i}": v
-                        for i, v in enumerate(values[1 : 1 + self.cfg.model.levels])
-                    },
-                    **dict(  # regulariser and extra terms (sigreg, multicrop), by name
-                        zip(
-                            self._term_names(len(values))[1 + self.cfg.model.levels :],
-                            values[1 + self.cfg.model.levels :],
-                        )
-                    ),
+                    **named,  # loss, loss_level*, then sigreg, vicreg_*, contrastive, multicrop
+                    "loss_pred": pred,
                     "lr": lr,
                     "weight_decay": self.wd_at(self.step - 1),
-                    "ema_momentum": momentum,
+                    **({} if self.shared_target else {"ema_momentum": momentum}),
                     "grad_norm": float(grad_norm),
                     "images_per_s": window_images / max(elapsed, 1e-9),
                     "epoch": (self.step * t.accum_steps) / self.micro_per_epoch,
                 }
                 if t.nonfinite == "skip":
                     last["skipped_steps"] = self.skipped_steps
+                if not self.loader.in_memory:  # decoded from files: unreadable ones are skipped
+                    last["skipped_images"] = distributed.sum_over_ranks(
+                        self.loader.skipped, self.dist, self.device
+                    )
                 logger.log(self.step, "train", last)
                 progress.set_postfix(
                     loss=f"{values[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{last['images_per_s']:.0f}"
@@ -535,7 +578,11 @@ class Trainer:
                 t.knn_every and self.step % t.knn_every == 0
             )
             if probe_now and main:
-                logger.log(self.step, "probe", probe(self.model.target_encoder))
+                probed = probe(self.model.target_encoder)
+                logger.log(self.step, "probe", probed)
+                warning = collapse_warning(self.step, probed)
+                if warning:
+                    print(warning, file=sys.stderr)
                 self.model.train()
             if main and (finished or self.step % run.checkpoint_every == 0):
                 self.save()
@@ -578,7 +625,10 @@ def _progress(enabled: bool, initial: int, total: int):
 
 def train(cfg: Config) -> Trainer:
     trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        distributed.cleanup(trainer.dist)  # leaves the process group torchrun's job set up
     return trainer
 
 

@@ -1,0 +1,228 @@
+r"""The training objective built from the config: prediction loss + regularisers + contrast.
+
+.. math::
+    \mathcal{L} = \sum_l w_l\, D(p_l, t_l)
+        + \lambda_S\, \mathrm{SIGReg}(z)
+        + \lambda_V \big(\mu\, v(e) + \nu\, c(e) + \lambda\, s(e^{(1)}, e^{(2)})\big)
+        + \lambda_C\, \mathrm{NTXent}(h^{(1)}, h^{(2)})
+        + \lambda_M\, \mathcal{L}_{\mathrm{multicrop}}
+
+Each term is present only when its option is on (``loss.regularizer``, ``loss.contrastive``,
+``data.multicrop.num_local``). What SIGReg sees, :math:`z`, is chosen by
+``loss.regularize_on``:
+
+* ``context``: the context encoder's tokens, ``[B * Nc, D]``;
+* ``predictor``: per level the predictions ``[B * M * K_l, D]``; SIGReg is the mean over levels;
+* ``pooled``: per level ``l`` the context tokens averaged inside each level-``l`` cell that
+  holds at least one of them (level 0: the tokens themselves); the mean over levels.
+
+VICReg and C-JEPA compare two augmented views of the same images: :math:`e^{(v)} \in
+\mathbb{R}^{B \times D}` is the mean of view ``v``'s context tokens (both views under the same
+context mask), :math:`v, c` are the mean over the two views of VICReg's variance and covariance
+terms, :math:`s` is the invariance MSE between them, and :math:`h^{(v)}` is :math:`e^{(v)}`
+through the projection head.
+
+:meth:`Objective.forward` returns the total and every *unweighted* term by name (the names the
+trainer logs); :attr:`Objective.weights` holds each term's coefficient in the total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from hjepa.losses.contrastive import nt_xent
+from hjepa.losses.prediction import prediction_loss
+from hjepa.losses.sigreg import SIGReg
+from hjepa.losses.vicreg import VICReg
+from hjepa.models.hierarchy import cell_of_token, level_grid, masked_cell_mean
+
+if TYPE_CHECKING:
+    from hjepa.config import Config
+    from hjepa.models.hjepa import JEPAOutput
+
+REGULARIZERS = ("none", "sigreg", "vicreg", "sigreg+vicreg")
+REGULARIZE_ON = ("context", "predictor", "pooled")
+
+
+def context_cells(context: Tensor, index: Tensor, grid_size: int, level: int) -> Tensor:
+    """Context tokens ``[B, Nc, D]`` at grid positions ``index [B, Nc]`` averaged inside each
+    level-``level`` cell holding at least one of them: ``[cells, D]`` (level 0: the tokens).
+
+    Tokens beyond the floored grid (``G`` not divisible by ``2**level``) belong to no cell.
+    The number of non-empty cells varies per image, so selecting them reads it back to the
+    host once.
+    """
+    if level == 0:
+        return context.flatten(0, 1)
+    means = masked_cell_mean(context.unsqueeze(1), index.unsqueeze(1), grid_size, level)[:, 0]
+    cells = level_grid(grid_size, level) ** 2
+    cell = cell_of_token(grid_size, level, index.device)[index]  # [B, Nc], -1 outside
+    present = torch.zeros(index.shape[0], cells + 1, dtype=torch.bool, device=index.device)
+    present[torch.arange(index.shape[0], device=index.device).unsqueeze(1), cell] = True
+    return means[present[:, :cells]]
+
+
+class Objective(nn.Module):
+    """Prediction loss plus the configured anti-collapse terms (see the module docstring).
+
+    Args:
+        level_weights: :math:`w_l`, one per level.
+        distance: ``mse`` or ``smooth_l1`` for the prediction loss.
+        regularizer: ``none``, ``sigreg``, ``vicreg`` or ``sigreg+vicreg``.
+        regularize_on: what SIGReg sees: ``context``, ``predictor`` or ``pooled``.
+        grid_size: level-0 grid side (needed by ``regularize_on="pooled"``).
+        sigreg_weight, sigreg_slices: :math:`\\lambda_S` and SIGReg's number of directions.
+        vicreg_weight: :math:`\\lambda_V`; ``vicreg_var/cov/inv_weight`` are VICReg's
+            :math:`\\mu, \\nu, \\lambda` (paper: 25, 1, 25).
+        contrastive: NT-Xent between the projected pooled embeddings of the two views.
+        contrastive_weight, contrastive_temperature: :math:`\\lambda_C` and :math:`\\tau`.
+        multicrop_weight: :math:`\\lambda_M`, or None without multi-crop.
+    """
+
+    def __init__(
+        self,
+        level_weights: Sequence[float],
+        *,
+        distance: str = "mse",
+        regularizer: str = "none",
+        regularize_on: str = "context",
+        grid_size: int | None = None,
+        sigreg_weight: float = 0.05,
+        sigreg_slices: int = 1024,
+        vicreg_weight: float = 0.04,
+        vicreg_var_weight: float = 25.0,
+        vicreg_cov_weight: float = 1.0,
+        vicreg_inv_weight: float = 25.0,
+        contrastive: bool = False,
+        contrastive_weight: float = 0.1,
+        contrastive_temperature: float = 0.1,
+        multicrop_weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+        if regularize_on not in REGULARIZE_ON:
+            raise ValueError(f"regularize_on must be one of {REGULARIZE_ON}, got {regularize_on!r}")
+        if regularize_on == "pooled" and grid_size is None:
+            raise ValueError("regularize_on='pooled' needs the level-0 grid_size")
+        terms = regularizer.split("+")
+        self.level_weights = [float(w) for w in level_weights]
+        self.distance = distance
+        self.regularize_on = regularize_on
+        self.grid_size = grid_size
+        self.sigreg = SIGReg(sigreg_slices) if "sigreg" in terms else None
+        self.vicreg = (
+            VICReg(vicreg_inv_weight, vicreg_var_weight, vicreg_cov_weight)
+            if "vicreg" in terms
+            else None
+        )
+        self.sigreg_weight, self.vicreg_weight = sigreg_weight, vicreg_weight
+        self.contrastive = contrastive
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature = contrastive_temperature
+        self.multicrop_weight = multicrop_weight
+
+    @classmethod
+    def from_config(cls, cfg: Config, multicrop: bool = False) -> Objective:
+        from hjepa.config import level_weights
+
+        loss = cfg.loss
+        return cls(
+            level_weights(cfg),
+            distance=loss.distance,
+            regularizer=loss.regularizer,
+            regularize_on=loss.regularize_on,
+            grid_size=cfg.data.image_size // cfg.model.patch_size,
+            sigreg_weight=loss.sigreg_weight,
+            sigreg_slices=loss.sigreg_slices,
+            vicreg_weight=loss.vicreg_weight,
+            vicreg_var_weight=loss.vicreg_var_weight,
+            vicreg_cov_weight=loss.vicreg_cov_weight,
+            vicreg_inv_weight=loss.vicreg_inv_weight,
+            contrastive=loss.contrastive,
+            contrastive_weight=loss.contrastive_weight,
+            contrastive_temperature=loss.contrastive_temperature,
+            multicrop_weight=cfg.data.multicrop.weight if multicrop else None,
+        )
+
+    @property
+    def needs_two_views(self) -> bool:
+        """VICReg and the contrastive term compare two augmented views of each image."""
+        return self.vicreg is not None or self.contrastive
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each term's coefficient in the total, in the order :meth:`forward` returns them."""
+        out = {f"loss_level{i}": w for i, w in enumerate(self.level_weights)}
+        if self.sigreg is not None:
+            out["sigreg"] = self.sigreg_weight
+        if self.vicreg is not None:
+            out["vicreg_var"] = self.vicreg_weight * self.vicreg.var_weight
+            out["vicreg_cov"] = self.vicreg_weight * self.vicreg.cov_weight
+            out["vicreg_inv"] = self.vicreg_weight * self.vicreg.sim_weight
+        if self.contrastive:
+            out["contrastive"] = self.contrastive_weight
+        if self.multicrop_weight is not None:
+            out["multicrop"] = self.multicrop_weight
+        return out
+
+    @property
+    def term_names(self) -> list[str]:
+        return list(self.weights)
+
+    def sigreg_inputs(self, out: JEPAOutput) -> list[Tensor]:
+        """The ``[N, D]`` embedding sets SIGReg sees (its value is their mean statistic)."""
+        if self.regularize_on == "context":
+            return [out.context.flatten(0, 1)]
+        if self.regularize_on == "predictor":
+            return [p.flatten(0, -2) for p in out.predictions]
+        if out.context_index is None:
+            raise ValueError("regularize_on='pooled' needs the context indices in the output")
+        return [
+            context_cells(out.context, out.context_index, self.grid_size, lvl)
+            for lvl in range(len(out.predictions))
+        ]
+
+    def forward(self, out: JEPAOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions."""
+        total, per_level = prediction_loss(
+            out.predictions, out.targets, self.level_weights, self.distance
+        )
+        terms = {f"loss_level{i}": term for i, term in enumerate(per_level)}
+        if self.sigreg is not None:
+            sets = self.sigreg_inputs(out)
+            terms["sigreg"] = sum(self.sigreg(z, step=step) for z in sets) / len(sets)
+            total = total + self.sigreg_weight * terms["sigreg"]
+        if self.needs_two_views and out.pooled_views is None:
+            raise ValueError(
+                "VICReg / the contrastive term need a second augmented view: call the model "
+                "with second=<the same images, augmented again>"
+            )
+        if self.vicreg is not None:
+            vic = self.vicreg(*out.pooled_views)
+            terms["vicreg_var"] = vic["variance"]
+            terms["vicreg_cov"] = vic["covariance"]
+            terms["vicreg_inv"] = vic["invariance"]
+            total = total + self.vicreg_weight * vic["total"]
+        if self.contrastive:
+            if out.projected_views is None:
+                raise ValueError(
+                    "loss.contrastive needs the model's contrastive_projector: build HJEPA with "
+                    "contrastive=(hidden_dim, out_dim)"
+                )
+            z1, z2 = out.projected_views
+            terms["contrastive"] = nt_xent(z1, z2, self.contrastive_temperature)
+            total = total + self.contrastive_weight * terms["contrastive"]
+        if self.multicrop_weight is not None:
+            if out.view_loss is None:
+                raise ValueError("the multi-crop term needs local views: call the model with views")
+            terms["multicrop"] = out.view_loss
+            total = total + self.multicrop_weight * out.view_loss
+        return total, terms
+
+
+__all__ = ["Objective", "context_cells", "REGULARIZERS", "REGULARIZE_ON"]
