@@ -479,7 +479,10 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
     assert main(cli) == 1
-    err = capsys.readouterr().err
+    # The tiny model's final probe may also warn of collapse (train/monitor.py), on its own line.
+    err = "".join(
+        line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("WARNING:")
+    )
     assert err.count("\n") == 1
     assert f"cannot write checkpoint to {run}/checkpoints/last.pt: No space left on device" in err
     assert (run / "checkpoints/last.pt").read_bytes() == good

@@ -9,7 +9,7 @@ from PIL import Image
 
 from hjepa.config import ConfigError, load_config
 from hjepa.models.predictor import Predictor, shared_attention_mask
-from hjepa.models.vit import Block, run_blocks
+from hjepa.models.vit import Block, ContextBlocks, run_blocks
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import Trainer
 
@@ -124,6 +124,16 @@ def test_shared_blocks_do_not_see_each_other():
     torch.testing.assert_close(a[:, 2], b[:, 2].flip(1))
 
 
+@pytest.mark.parametrize("first_query", [0, 3])
+def test_context_blocks_attention_equals_the_masked_attention(first_query):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3 + 2 * 4, 8, generator=g) for _ in range(3))
+    mask = shared_attention_mask(3, 2, 4)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = ContextBlocks(3, 2, 4).attend(q, k, v, first_query)
+    torch.testing.assert_close(out, reference[:, :, first_query:])
+
+
 def test_shared_attention_mask_by_hand():
     mask = shared_attention_mask(2, 2, 1)  # [c, c, block0, block1]
     expected = torch.tensor(
@@ -132,20 +142,32 @@ def test_shared_attention_mask_by_hand():
     assert torch.equal(mask, expected)
 
 
-def test_shared_mode_trains_and_does_less_work(tiny_config):
+@pytest.mark.parametrize("mode", ["repeat", "shared"])
+def test_predictor_linear_flops_match_the_token_counts(tiny_config, mode):
+    """Forward multiply-adds of the predictor's linear layers, by hand: the embedding on the
+    ``Nc`` context rows, ``12 d^2`` per row and block (qkv ``3d^2``, projection ``d^2``, MLP
+    ``8d^2``), except that the last block computes only the qkv (``3d^2``) of rows nobody
+    reads. Rows per sample: ``M (Nc + Nt)`` in repeat mode, ``Nc + M Nt`` in shared mode.
+    Backward doubles it (input and weight gradients)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    flops = {}
-    for mode in ("repeat", "shared"):
-        trainer = Trainer(tiny_config(f"model.predictor_mode={mode}", "train.max_steps=2"))
-        trainer.model.train()
-        micro, images = next(trainer._batches())
-        inputs = trainer.prepare_inputs(images, micro)
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = trainer.forward_backward(*inputs)
-        flops[mode] = counter.get_flop_counts()["Predictor"]
-        assert torch.isfinite(loss)
-    assert sum(flops["shared"].values()) < 0.8 * sum(flops["repeat"].values())
+    trainer = Trainer(tiny_config(f"model.predictor_mode={mode}", "model.predictor_depth=3"))
+    trainer.model.train()
+    micro, images = next(trainer._batches())
+    x, index, *_ = trainer.prepare_inputs(images, micro)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = trainer.forward_backward(x, index)
+    assert torch.isfinite(loss)
+    counted = counter.get_flop_counts()["HJEPA.predictor"]
+    linear = sum(v for op, v in counted.items() if str(op) in ("aten.addmm", "aten.mm"))
+    b, nc = index.context.shape
+    _, m, nt = index.blocks[0].shape
+    cfg = trainer.cfg.model
+    d, depth = cfg.predictor_embed_dim, cfg.predictor_depth
+    rows = m * (nc + nt) if mode == "repeat" else nc + m * nt
+    macs = nc * cfg.embed_dim * d + (depth - 1) * rows * 12 * d * d
+    macs += rows * 3 * d * d + m * nt * 9 * d * d  # the last block
+    assert linear == 2 * 3 * b * macs
 
 
 # -- image folders in training ------------------------------------------------------------------
@@ -176,6 +198,7 @@ def test_image_folder_training_decodes_in_workers_and_logs_skipped_images(tiny_c
         "train.num_workers=1",
         "train.knn_bank_size=8",
         "train.knn_query_size=4",
+        "eval.knn_k=3",
     )
     with pytest.warns(UserWarning, match="bad.png"):
         trainer = Trainer(cfg)

@@ -150,7 +150,7 @@ class LossConfig:
     regularize_on: str = "context"  # what SIGReg sees: context | predictor | pooled
     sigreg_weight: float = 0.05
     sigreg_slices: int = 1024
-    vicreg_weight: float = 0.04  # x (var_w * var + cov_w * cov + inv_w * inv), two views
+    vicreg_weight: float = 0.1  # x (var_w * var + cov_w * cov + inv_w * inv), two views
     vicreg_var_weight: float = 25.0
     vicreg_cov_weight: float = 1.0
     vicreg_inv_weight: float = 25.0  # the paper's similarity (invariance) coefficient

@@ -93,7 +93,7 @@ class Objective(nn.Module):
         grid_size: int | None = None,
         sigreg_weight: float = 0.05,
         sigreg_slices: int = 1024,
-        vicreg_weight: float = 0.04,
+        vicreg_weight: float = 0.1,
         vicreg_var_weight: float = 25.0,
         vicreg_cov_weight: float = 1.0,
         vicreg_inv_weight: float = 25.0,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hjepa.models.rope import grid_positions, rope_tables
 from hjepa.models.vit import (
     Block,
+    ContextBlocks,
     Rope,
     check_pos_embed,
     gather_tokens,
@@ -113,7 +114,7 @@ class Predictor(nn.Module):
         if self.mode == "shared":
             x = torch.cat([ctx, queries], dim=1)
             index = torch.cat([context_index, target_index.reshape(b, m * nt)], dim=1)
-            mask = shared_attention_mask(nc, m, nt, x.device)
+            mask = ContextBlocks(nc, m, nt)
         else:
             x = torch.cat([ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], 1)
             index = torch.cat(
@@ -136,7 +137,7 @@ def shared_attention_mask(
 ) -> Tensor:
     """``[L, L]`` bool (True: may attend), ``L = Nc + M Nt``, for the sequence ``[context,
     block 1, ..., block M]``: context rows see the context; block rows see the context and
-    their own block."""
+    their own block. The pattern :class:`ContextBlocks` computes without the masked scores."""
     group = torch.arange(num_blocks, device=device).repeat_interleave(block_size)
     group = torch.cat([torch.full((num_context,), -1, device=device), group])
     return (group[None, :] == -1) | (group[:, None] == group[None, :])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,43 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+@dataclass(frozen=True)
+class ContextBlocks:
+    """The attention pattern of a sequence ``[context (Nc), block 1 (Nt), ..., block M (Nt)]``
+    in which context rows attend to the context only and each block's rows to the context and
+    their own block (the predictor's ``shared`` mode). Pass it as ``attn_mask``: attention is
+    then computed as two unmasked products (context on context; each block on context + itself)
+    instead of a masked ``L x L`` one, so no score is computed only to be masked away and
+    the fused (flash) kernels stay usable.
+    """
+
+    num_context: int
+    num_blocks: int
+    block_size: int
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, first_query: int = 0) -> Tensor:
+        """``q, k, v [B, H, Nc + M Nt, dh]`` -> outputs of rows ``first_query`` on
+        (``first_query`` is 0 or ``Nc``)."""
+        nc, m, nt = self.num_context, self.num_blocks, self.block_size
+        if first_query not in (0, nc):
+            raise ValueError(f"first_query must be 0 or the context length {nc}, got {first_query}")
+        b, h, _, dh = k.shape
+
+        def per_block(t: Tensor) -> Tensor:  # [B, H, M Nt, dh] -> [B M, H, Nt, dh]
+            return t[:, :, nc:].reshape(b, h, m, nt, dh).transpose(1, 2).reshape(b * m, h, nt, dh)
+
+        def with_context(t: Tensor) -> Tensor:  # each block's keys: the context, then itself
+            ctx = t[:, None, :, :nc].expand(b, m, h, nc, dh).reshape(b * m, h, nc, dh)
+            return torch.cat([ctx, per_block(t)], dim=2)
+
+        out = F.scaled_dot_product_attention(per_block(q), with_context(k), with_context(v))
+        out = out.reshape(b, m, h, nt, dh).transpose(1, 2).reshape(b, h, m * nt, dh)
+        if first_query:
+            return out
+        ctx_out = F.scaled_dot_product_attention(q[:, :, :nc], k[:, :, :nc], v[:, :, :nc])
+        return torch.cat([ctx_out, out], dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -116,15 +154,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, rope: Rope = None, first_query: int = 0
+        self,
+        x: Tensor,
+        attn_mask: Tensor | ContextBlocks | None = None,
+        rope: Rope = None,
+        first_query: int = 0,
     ) -> Tensor:
         """Attention over all tokens of ``x``; outputs only for rows ``first_query`` on (every
-        row still serves as a key and value)."""
+        row still serves as a key and value). ``attn_mask``: bool (True = may attend), or a
+        :class:`ContextBlocks` pattern."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(attn_mask, ContextBlocks):
+            out = attn_mask.attend(q, k, v, first_query)
+            return self.proj(out.transpose(1, 2).reshape(b, n - first_query, d))
         if first_query:
             q = q[:, :, first_query:]
             attn_mask = None if attn_mask is None else attn_mask[..., first_query:, :]

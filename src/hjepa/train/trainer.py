@@ -39,6 +39,9 @@ from hjepa.train.schedules import cosine, linear, warmup_cosine
 ARCH_KEYS = ("data.name", "data.image_size", "model")
 
 
+GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term, the gradient or the weights became NaN/inf (``train.nonfinite=stop``)."""
 
@@ -94,6 +97,10 @@ class Trainer:
         )
         self.channels = int(getattr(self.train_set, "channels", d.channels))
         _check_first_image(self.train_set, d.name, self.channels)
+        images = getattr(self.train_set, "images", None)
+        if self.device.type == "cuda" and images is not None and images.nbytes <= GPU_DATA_BYTES:
+            # Small in-memory sets live on the GPU: batches are gathered there, no host copies.
+            self.train_set.images = images.to(self.device)
         self.mean, self.std = channel_stats(d.name, self.channels)
         ranks = self.dist.world_size
         if t.batch_size % (t.accum_steps * ranks):
