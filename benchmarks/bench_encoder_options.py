@@ -204,7 +204,7 @@ def main() -> None:
     off, on = mem["False"]["step_peak_mib"], mem["True"]["step_peak_mib"]
     how = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth (VmHWM)"
     print(f"\n## memory of one training step ({how})")
-    print(f"| grad_checkpointing | step peak MiB | total peak MiB |\n|---|---|---|")
+    print("| grad_checkpointing | step peak MiB | total peak MiB |\n|---|---|---|")
     for key, label in (("False", "off"), ("True", "on")):
         print(f"| {label} | {mem[key]['step_peak_mib']:.1f} | {mem[key]['total_peak_mib']:.1f} |")
     print(f"ratio on/off: {on / max(off, 1e-9):.2f}")

@@ -87,6 +87,10 @@ class MaskIndices:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskIndices:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> MaskIndices:
+        """Page-locked copies: a later ``to(cuda, non_blocking=True)`` is truly asynchronous."""
+        return self._map(lambda t: t.pin_memory())
+
 
 def build_encoder(cfg: ModelConfig, image_size: int, in_channels: int) -> VisionTransformer:
     return VisionTransformer(
@@ -211,21 +215,22 @@ class HJEPA(nn.Module):
 
         ``views [V*B, C, h, w]`` (view-major: rows ``v*B .. v*B+B-1`` are view ``v``) go through
         the context encoder; each crop's token mean, mapped by ``view_projector``, regresses the
-        stop-gradient pooled target of its global image ``t = pooled_target [B, D]``, in units
-        of the target's per-channel batch variance ``s²_d = Var_b(t_{b,d})`` (no gradient):
+        stop-gradient pooled target of its global image ``t = pooled_target [B, D]``, relative
+        to the target's total batch variance ``S = Σ_d Var_b(t_{b,d})`` (no gradient):
 
-        ``mean_{v,b,d} (P(mean_tokens f_θ(view_{v,b}))_d − t_{b,d})² / (s²_d + 1e-4)``.
+        ``mean_{v,b} ||P(mean_tokens f_θ(view_{v,b})) − t_b||² / (S + 1e-6)``.
 
-        1.0 means "no better than the batch mean". Pooled embeddings share a large common
-        component, so the raw MSE is ~1e-3 and would leave the term without effect.
+        1.0 means "no better than the batch mean" (an R²-style scale). Pooled embeddings share
+        a large common component, so the raw MSE is ~1e-3 per channel and would leave the term
+        without effect; per-channel scaling would blow up near-constant channels instead.
         """
         if self.view_projector is None:
             raise RuntimeError("build HJEPA(..., multicrop=True) to use view_prediction_loss")
         pooled = self.view_projector(self.context_encoder(views).mean(dim=1)).float()
         target = pooled_target.detach().float()
-        scale = target.var(dim=0, unbiased=False) + 1e-4
+        total_var = target.var(dim=0, unbiased=False).sum() + 1e-6
         target = target.repeat(views.shape[0] // target.shape[0], 1)
-        return ((pooled - target) ** 2 / scale).mean()
+        return ((pooled - target) ** 2).sum(dim=1).mean() / total_var
 
     def target_levels(self, images: Tensor) -> list[Tensor]:
         """Per-level targets of the full images: EMA encoder (no gradient), or the context

@@ -113,9 +113,7 @@ def cleanup(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_trainable(
-    model: nn.Module, frozen: nn.Module | None, env: DistEnv, device: torch.device
-):
+def wrap_trainable(model: nn.Module, frozen: nn.Module | None, env: DistEnv, device: torch.device):
     """``model`` in ``DistributedDataParallel`` (or ``model`` itself in one process).
 
     ``frozen`` (the target encoder, a submodule of ``model``) is excluded from DDP: its

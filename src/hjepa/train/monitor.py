@@ -47,15 +47,16 @@ def collapse_warning(step: int, probe: dict) -> str | None:
     collapsed = [name for name in levels if probe[f"collapsed_{name}"]]
     if not collapsed:
         return None
-    detail = ", ".join(
+    detail = "; ".join(
         f"{name}: effective rank {probe[f'rank_{name}']:.2f}, "
         f"normalized std {probe[f'std_{name}']:.3g}"
         for name in collapsed
     )
     return (
-        f"WARNING: step {step}: collapsed features at {', '.join(collapsed)} ({detail}); "
-        "the encoder maps images to (nearly) the same embedding: use loss.regularizer=sigreg, "
-        "or check optim.lr and the EMA settings"
+        f"WARNING: step {step}: collapsed features at {', '.join(collapsed)} ({detail}): the "
+        "encoder maps every image to nearly the same embedding; if this persists, add or "
+        "strengthen an anti-collapse regulariser (loss.regularizer, loss.sigreg_weight) or "
+        "lower optim.lr"
     )
 
 

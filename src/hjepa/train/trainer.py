@@ -392,6 +392,8 @@ class Trainer:
         masks = self.masks.sample(x.shape[0] * env.world_size, mask_gen)
         # Indices are computed on the CPU: the forward pass then never syncs with the GPU.
         index = MaskIndices.from_masks(masks).rows(env.shard())
+        if self.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
+            index = index.pin_memory()
         return x, index.to(self.device, non_blocking=True), views
 
     def second_view(self, images: Tensor, micro: int) -> Tensor:
