@@ -2,25 +2,28 @@
 
 Usage::
 
-    python benchmarks/race_ijepa.py --ijepa /path/to/ijepa-checkout [--threads 2]
+    python benchmarks/race_ijepa.py --ijepa /path/to/ijepa-checkout [--threads 2] [--repeats 15]
 
 ``--ijepa`` is a local checkout of https://github.com/facebookresearch/ijepa; its code is
 imported from there (``sys.path``), never copied here. Both steps train the same ViT
-(28 px, patch 4, width 192, depth 6, 3 heads; predictor width 96, depth 4) on the same batch
-of 128 synthetic one-channel images with the same mask settings (4 target blocks of scale
-0.15-0.2 and aspect 0.75-1.5, one context block of scale 0.85-1.0), AdamW and the EMA update.
+(28 px, patch 4, width 192, depth 6, 3 heads; predictor width 96, depth 4) on batches of 128
+synthetic one-channel images with the same mask settings (4 target blocks of scale 0.15-0.2
+and aspect 0.75-1.5, one context block of scale 0.85-1.0), AdamW and the EMA update.
 
-Two timings per side, interleaved repeat by repeat (median), so slow phases of a shared
-machine hit both sides alike:
+Each repeat draws one batch with our sampler and gives the *same* images and masks to every
+side (the official ``MaskCollator`` draws other token counts: it keeps its context block below
+the full grid side and off the last row and column, so on a 7 x 7 grid its context averages 7
+tokens against our 15). Per repeat and side, interleaved so that slow phases of a shared
+machine hit all sides alike:
 
-* ``full``: everything one step of a training loop does after the batch is in memory: mask
-  sampling (the official ``MaskCollator``; our sampler, plus our batched augmentation),
-  forward, backward, optimizer step, EMA.
-* ``model``: the same without mask sampling/augmentation (drawn before the clock starts):
-  forward, backward, optimizer step, EMA.
+* ``model``: forward, backward, optimizer step and EMA on the repeat's batch and masks;
+* ``masks``: drawing one batch's masks with the side's own sampler (ours also augments);
+* ``full``: the two together.
 
-FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and
-attention, forward + backward) tell apart "less work" from "faster kernels". Prints JSON.
+A step's time depends on the batch's context size (the minimum over its samples), so speedups
+are medians of per-repeat ratios. FLOPs per image (``FlopCounterMode``: matmuls, convolutions
+and attention, forward + backward, on the same batches) tell "less work" from "faster
+kernels". Prints JSON.
 """
 
 from __future__ import annotations
@@ -77,12 +80,16 @@ def our_overrides(variant: str, predictor_mode: str) -> list[str]:
     return [*common, "model.levels=3"]  # our default hierarchy (3 levels, mse, clip 1.0)
 
 
+FLAGS = {"compile": "train.compile=true"}  # optional third part of an --ours spec
+
+
 class Ours:
-    def __init__(self, variant: str, predictor_mode: str):
+    def __init__(self, variant: str, predictor_mode: str, extra: tuple[str, ...] = ()):
         from hjepa.config import load_config
         from hjepa.train.trainer import Trainer
 
-        self.trainer = Trainer(load_config(None, our_overrides(variant, predictor_mode)))
+        overrides = our_overrides(variant, predictor_mode) + list(extra)
+        self.trainer = Trainer(load_config(None, overrides))
         self.trainer.model.train()
         self.batches = self.trainer._batches()
 
@@ -166,7 +173,7 @@ def official_inputs(x, index, *_):
     return x, [index.context], [targets[:, m] for m in range(targets.shape[1])]
 
 
-def flops_per_image(ours: Ours, official: Official, draws: int = 3) -> tuple[float, float]:
+def flops_per_image(ours: Ours, official: Official, draws: int = 5) -> tuple[float, float]:
     """Mean FLOPs per image of one step on the same batches and masks.
 
     Our attention runs on SDPA's math backend here: the counter does not see inside the fused
@@ -178,7 +185,11 @@ def flops_per_image(ours: Ours, official: Official, draws: int = 3) -> tuple[flo
     for _ in range(draws):
         inputs = ours.draw()
         for i, (side, args) in enumerate(((ours, inputs), (official, official_inputs(*inputs)))):
-            with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+            with (
+                FlopCounterMode(display=False) as counter,
+                sdpa_kernel([SDPBackend.MATH]),
+                torch.compiler.set_stance("force_eager"),  # compiled graphs are not counted
+            ):
                 side.model_step(args)
             totals[i] += counter.get_total_flops()
     return totals[0] / (draws * BATCH), totals[1] / (draws * BATCH)
@@ -191,28 +202,46 @@ def timed(fn, *args) -> float:
 
 
 def race(official: Official, ours: dict[str, Ours], repeats: int, warmup: int) -> dict:
-    """Interleaved timings (seconds, median): per side ``masks`` (drawing one batch's masks;
-    ours also augments) and ``model`` (step on identical batches and masks for all sides)."""
+    """Interleaved timings (seconds) per repeat and side: ``masks`` (drawing one batch's masks;
+    ours also augments), ``model`` (the step on the repeat's batch and masks, identical for all
+    sides) and ``full`` (their sum). The step time depends on the batch's context size (the
+    minimum over its samples), so sides are compared repeat by repeat (paired ratios)."""
     names = ["official", *ours]
     times: dict[str, dict[str, list[float]]] = {n: {"masks": [], "model": []} for n in names}
     # The deepest hierarchy draws: its level-0 masks are all a shallower model reads.
     first = max(ours.values(), key=lambda side: side.trainer.cfg.model.levels)
     for i in range(warmup + repeats):
-        keep = i >= warmup
         inputs = first.draw()
         shared = {name: inputs for name in ours}
         shared["official"] = official_inputs(*inputs)
         for name in names:
             side = official if name == "official" else ours[name]
-            if keep:
-                times[name]["masks"].append(timed(side.draw))
-                times[name]["model"].append(timed(side.model_step, shared[name]))
-            else:
-                side.model_step(shared[name])
-    medians = {n: {k: statistics.median(v) for k, v in per.items()} for n, per in times.items()}
-    for per in medians.values():
-        per["full"] = per["masks"] + per["model"]
-    return medians
+            masks = timed(side.draw)
+            model = timed(side.model_step, shared[name])
+            if i >= warmup:
+                times[name]["masks"].append(masks)
+                times[name]["model"].append(model)
+    for per in times.values():
+        per["full"] = [a + b for a, b in zip(per["masks"], per["model"])]
+    return times
+
+
+def summarise(times: dict) -> dict:
+    base = times["official"]
+    return {
+        "images_per_s": {
+            name: {kind: BATCH / statistics.median(ts) for kind, ts in per.items()}
+            for name, per in times.items()
+        },
+        "speedup_vs_official": {
+            name: {
+                kind: statistics.median(o / t for o, t in zip(base[kind], per[kind]))
+                for kind in ("model", "full")
+            }
+            for name, per in times.items()
+            if name != "official"
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ours",
         default="ijepa:repeat,ijepa:shared,default:repeat",
-        help="our variants, comma separated: OBJECTIVE:PREDICTOR_MODE with OBJECTIVE 'ijepa' "
-        "(1 level, smooth L1, no clipping) or 'default' (3 levels, mse, clip 1)",
+        help="our variants, comma separated: OBJECTIVE:PREDICTOR_MODE[:compile] with OBJECTIVE "
+        "'ijepa' (1 level, smooth L1, no clipping) or 'default' (3 levels, mse, clip 1); "
+        "':compile' adds train.compile=true (torch.compile; give it --warmup 3 or more)",
     )
     args = parser.parse_args(argv)
     if not (args.ijepa / "src" / "models" / "vision_transformer.py").is_file():
@@ -234,24 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     official = Official(args.ijepa)
     ours = {}
     for spec in args.ours.split(","):
-        variant, mode = spec.split(":")
-        ours[f"ours_{variant}_{mode}"] = Ours(variant, mode)
+        variant, mode, *flags = spec.split(":")
+        extra = tuple(FLAGS[flag] for flag in flags)
+        ours["_".join(["ours", variant, mode, *flags])] = Ours(variant, mode, extra)
     flops = {}
     for name, side in ours.items():
         flops[name], flops["official"] = flops_per_image(side, official)
-    seconds = race(official, ours, args.repeats, args.warmup)
-    rates = {n: {k: BATCH / s for k, s in per.items()} for n, per in seconds.items()}
-    base = rates["official"]
     report = {
         "threads": args.threads,
         "batch": BATCH,
         "repeats": args.repeats,
-        "images_per_s": rates,
-        "speedup_vs_official": {
-            name: {kind: rate[kind] / base[kind] for kind in ("model", "full")}
-            for name, rate in rates.items()
-            if name != "official"
-        },
+        **summarise(race(official, ours, args.repeats, args.warmup)),
         "gflops_per_image": {name: f / 1e9 for name, f in flops.items()},
         "flops_ratio_official_over_ours": {
             name: flops["official"] / f for name, f in flops.items() if name != "official"

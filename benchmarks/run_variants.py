@@ -7,7 +7,7 @@ online-probe records and its last train record, so tables can be built afterward
 ``benchmarks/summarize_runs.py``.
 
     python benchmarks/run_variants.py benchmarks/variants/*.txt --out OUT --parallel 8 \
-        --device cuda -- data.root=/path/to/fashion-mnist
+        --device cuda --set data.root=/path/to/fashion-mnist
 """
 
 from __future__ import annotations
@@ -86,7 +86,14 @@ def main() -> None:
         default=[],
         help="variant names whose eval also probes pixels and random init",
     )
-    parser.add_argument("extra", nargs="*", help="overrides for every variant (after --)")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides applied to every variant",
+    )
     args = parser.parse_args()
     args.runs = args.runs or str(Path(args.out) / "runs")
     Path(args.runs).mkdir(parents=True, exist_ok=True)

@@ -206,4 +206,7 @@ def test_image_folder_training_decodes_in_workers_and_logs_skipped_images(tiny_c
     assert trainer.loader.in_memory is False
     logged = read_metrics(cfg.run.dir, "train")
     assert [r["step"] for r in logged] == [1, 2, 3]
-    assert logged[-1]["skipped_images"] == 1  # counted, and the batch was refilled
+    assert logged[-1]["skipped_images"] == 1  # counted
+    batches = trainer._batches()  # the next epoch meets the bad file again
+    sizes = [next(batches)[1].shape[0] for _ in range(3)]
+    assert sizes == [5, 5, 5] and trainer.loader.skipped == 2  # the short batch was refilled

@@ -192,3 +192,14 @@ def test_cli_train_then_eval(tiny_config, tmp_path, capsys):
 def test_cli_reports_bad_config_without_traceback(capsys):
     assert main(["train", "train.max_step=3"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
+
+
+def test_resume_accepts_a_checkpoint_written_before_new_config_keys(tiny_config, tmp_path):
+    Trainer(tiny_config("train.max_steps=1")).fit()
+    last = tmp_path / "run/checkpoints/last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["config"]["model"]["levels"]  # as if written before the key existed
+    torch.save(state, last)
+    resumed = Trainer(tiny_config("train.max_steps=2"))
+    resumed.fit()
+    assert resumed.step == 2

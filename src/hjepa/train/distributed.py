@@ -33,6 +33,7 @@ Backend: NCCL when the ranks use CUDA GPUs, Gloo on the CPU.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -127,11 +128,15 @@ def wrap_trainable(model: nn.Module, frozen: nn.Module | None, env: DistEnv, dev
         ignored = [f"{prefix}.{name}" for name, _ in frozen.named_parameters()]
         ignored += [f"{prefix}.{name}" for name, _ in frozen.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    # Buffers are fixed position tables: nothing to keep in sync at every forward. The keyword
+    # was renamed in PyTorch 2.13 (the old one still works there, with a warning).
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # fixed position tables only; nothing to keep in sync
         gradient_as_bucket_view=True,
+        **{no_sync: False},
     )
 
 

@@ -35,10 +35,6 @@ from hjepa.train.monitor import OnlineProbe, collapse_warning
 from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, linear, warmup_cosine
 
-# Architecture keys that must match between a run's config and a checkpoint it resumes.
-ARCH_KEYS = ("data.name", "data.image_size", "model")
-
-
 GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
 
 
@@ -66,6 +62,12 @@ def step_seed(seed: int, micro: int, purpose: int) -> int:
 
 
 def _arch(cfg_dict: dict) -> dict:
+    """What must match between a run's config and a checkpoint it resumes.
+
+    The stored config goes through the schema first, so keys added to the schema since the
+    checkpoint was written take their defaults instead of counting as a change.
+    """
+    cfg_dict = from_dict(cfg_dict).to_dict()
     return {
         "data.name": cfg_dict["data"]["name"],
         "data.image_size": cfg_dict["data"]["image_size"],
@@ -375,10 +377,6 @@ class Trainer:
         aug_gen = torch.Generator().manual_seed(step_seed(seed, micro, 0))
         mask_gen = torch.Generator().manual_seed(step_seed(seed, micro, 1))
         torch.manual_seed(distributed.rank_seed(step_seed(seed, micro, 2), env))  # drop path
-        if 0 < images.shape[0] < self.micro_batch:  # the loader dropped unreadable images
-            # Refill from the same batch: every rank keeps the shapes and draws of the others.
-            refill = torch.arange(self.micro_batch - images.shape[0]) % images.shape[0]
-            images = torch.cat([images, images[refill]])
         raw = images.to(self.device, non_blocking=True)
         shard = (env.rank, env.world_size)
         x = self.augment(raw, aug_gen, shard=shard)
@@ -504,6 +502,11 @@ class Trainer:
         while True:
             epoch, start = divmod(micro, self.micro_per_epoch)
             for images, _labels in self.loader.iter_epoch(epoch, start_batch=start):
+                if images.shape[0] < self.micro_batch:  # the loader dropped unreadable images
+                    # Refill from the same batch: every rank keeps the shapes (and random
+                    # draws) of the others, and every step sees a full batch.
+                    refill = torch.arange(self.micro_batch - images.shape[0]) % images.shape[0]
+                    images = torch.cat([images, images[refill]])
                 yield micro, images
                 micro += 1
 
