@@ -49,14 +49,14 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
         *args.extra,
     ]
     train = [sys.executable, "-m", "hjepa", "train", "--config", args.config, *common, *overrides]
-    evaluate = [sys.executable, "-m", "hjepa", "eval", str(run_dir)]
-    if name not in args.baselines_for:
+    evaluate = [sys.executable, "-m", "hjepa", "eval", str(run_dir)] if args.eval else []
+    if evaluate and name not in args.baselines_for:
         evaluate.append("--no-baselines")
     start = time.time()
     log = Path(args.runs) / f"{name}.log"
     with log.open("w") as f:
         rc = subprocess.call(train, stdout=f, stderr=subprocess.STDOUT, env=env)
-        if rc == 0:
+        if rc == 0 and evaluate:
             rc = subprocess.call(evaluate, stdout=f, stderr=subprocess.STDOUT, env=env)
     record: dict = {"name": name, "overrides": overrides, "rc": rc, "seconds": time.time() - start}
     if (run_dir / "eval.json").is_file():
@@ -80,6 +80,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-eval",
+        dest="eval",
+        action="store_false",
+        help="skip hjepa eval: judge runs by their online probe records",
+    )
     parser.add_argument(
         "--baselines-for",
         nargs="*",
