@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hjepa.config import Config
+
 SCALE_MODES = ("constant", "gentle", "geometric")
 _GENTLE_SHIFT = (0.0, 0.03, 0.05, 0.07)
 _MAX_RETRIES = 20
@@ -245,3 +247,18 @@ class MultiBlockMaskSampler:
             cells = footprint_to_level(fp, self.grid_size, level)
             level_targets.append(_keep_random(cells, int(cells.sum(-1).min()), generator))
         return MaskBatch(context, footprints[0], level_blocks, level_targets, block)
+
+
+def sampler_from_config(cfg: Config) -> MultiBlockMaskSampler:
+    """The mask sampler a training run with ``cfg`` uses."""
+    m = cfg.masking
+    return MultiBlockMaskSampler(
+        cfg.data.image_size // cfg.model.patch_size,
+        levels=cfg.model.levels,
+        num_targets=m.num_targets,
+        target_scale=tuple(m.target_scale),
+        target_aspect=tuple(m.target_aspect),
+        context_scale=tuple(m.context_scale),
+        scale_mode=m.scale_mode,
+        min_context=m.min_context,
+    )

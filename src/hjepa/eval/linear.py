@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,61 @@ def linear_probe(
     if max_iter < 1:
         raise ValueError(f"linear probe: max_iter must be >= 1, got {max_iter}.")
 
+    classifier = fit_linear_classifier(
+        train_feats,
+        train_labels,
+        num_classes,
+        seed=seed,
+        weight_decays=weight_decays,
+        max_iter=max_iter,
+        val_fraction=val_fraction,
+    )
+    return {
+        "accuracy": classifier.accuracy(test_feats, test_labels),
+        "weight_decay": classifier.weight_decay,
+        "val_accuracy": classifier.val_accuracy,
+    }
+
+
+@dataclass
+class LinearClassifier:
+    """``argmax_c (W (x - mu) / sigma + b)_c`` with the statistics of the training features.
+
+    Robustness scores one fit on many corrupted copies of the test set, so the fit is kept.
+    """
+
+    scaler: _Standardizer
+    weight: Tensor  # [C, D]
+    bias: Tensor  # [C]
+    weight_decay: float
+    val_accuracy: float
+
+    def predict(self, feats: Tensor) -> Tensor:
+        return (self.scaler(feats) @ self.weight.T + self.bias).argmax(dim=1)
+
+    def accuracy(self, feats: Tensor, labels: Tensor) -> float:
+        if feats.ndim != 2 or feats.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"linear classifier: features must be [N, {self.weight.shape[1]}], got "
+                f"{tuple(feats.shape)}; extract them with the encoder it was fit on"
+            )
+        return _accuracy(self.scaler(feats), labels, self.weight, self.bias)
+
+
+def fit_linear_classifier(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    max_iter: int = DEFAULT_MAX_ITER,
+    val_fraction: float = 0.1,
+) -> LinearClassifier:
+    """The linear probe's fit: weight decay chosen on a seeded held-out split along a
+    regularisation path (largest first, each fit warm-started from the previous), then a refit
+    on all training data with the chosen one."""
+    _check_split(train_feats, train_labels, num_classes, "train")
     n = train_feats.shape[0]
     n_val = max(1, round(val_fraction * n))
     if n - n_val < 1:
@@ -169,26 +225,19 @@ def linear_probe(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).to(train_feats.device)
     val_idx, fit_idx = order[:n_val], order[n_val:]
-
     fit_scaler = _Standardizer(train_feats[fit_idx])
     fit_x, val_x = fit_scaler(train_feats[fit_idx]), fit_scaler(train_feats[val_idx])
-    best_wd, best_val, best_params = 0.0, -1.0, None
-    params = None
+    best_wd, best_val, best_params, params = 0.0, -1.0, None, None
     for wd in sorted(weight_decays, reverse=True):
         params = _fit(fit_x, train_labels[fit_idx], num_classes, wd, max_iter, init=params)
         val_acc = _accuracy(val_x, train_labels[val_idx], *params)
         if val_acc > best_val:  # descending grid: ">" keeps the larger lambda on ties
             best_wd, best_val, best_params = float(wd), val_acc, params
-
     scaler = _Standardizer(train_feats)
-    params = _fit(
+    weight, bias = _fit(
         scaler(train_feats), train_labels, num_classes, best_wd, max_iter, init=best_params
     )
-    return {
-        "accuracy": _accuracy(scaler(test_feats), test_labels, *params),
-        "weight_decay": best_wd,
-        "val_accuracy": best_val,
-    }
+    return LinearClassifier(scaler, weight, bias, best_wd, best_val)
 
 
 def class_balanced_subset(labels: Tensor, num_classes: int, fraction: float, seed: int) -> Tensor:

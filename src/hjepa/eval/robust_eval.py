@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hjepa.data.datasets import ImageTensors
-from hjepa.eval.classifier import LinearClassifier
 from hjepa.eval.features import iter_batches
+from hjepa.eval.linear import LinearClassifier
 from hjepa.eval.robustness import (
     CORRUPTIONS,
     SEVERITIES,

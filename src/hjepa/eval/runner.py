@@ -34,11 +34,10 @@ from hjepa.config import Config, ConfigError, from_dict, parse_override
 from hjepa.data.datasets import build_dataset
 from hjepa.data.normalize import channel_stats
 from hjepa.eval import robust_eval
-from hjepa.eval.classifier import LinearClassifier, fit_linear_classifier
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features, pixel_features
 from hjepa.eval.knn import knn_accuracy
-from hjepa.eval.linear import low_shot_linear_probe
+from hjepa.eval.linear import LinearClassifier, fit_linear_classifier, low_shot_linear_probe
 from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer

@@ -21,7 +21,7 @@ from hjepa.data.augment import BatchAugment
 from hjepa.data.datasets import build_dataset
 from hjepa.data.deit3 import DeiT3Augment
 from hjepa.data.loader import EpochLoader
-from hjepa.data.masks import MultiBlockMaskSampler
+from hjepa.data.masks import sampler_from_config
 from hjepa.data.multicrop import LocalCrops
 from hjepa.data.normalize import channel_stats
 from hjepa.losses.combined import Objective
@@ -132,18 +132,7 @@ class Trainer:
         if self.total_steps < 1:
             raise ConfigError("the run has no optimizer step: raise train.epochs or max_steps")
         self.warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_fraction * self.total_steps)
-        grid = d.image_size // cfg.model.patch_size
-        m = cfg.masking
-        self.masks = MultiBlockMaskSampler(
-            grid,
-            levels=cfg.model.levels,
-            num_targets=m.num_targets,
-            target_scale=tuple(m.target_scale),
-            target_aspect=tuple(m.target_aspect),
-            context_scale=tuple(m.context_scale),
-            scale_mode=m.scale_mode,
-            min_context=m.min_context,
-        )
+        self.masks = sampler_from_config(cfg)
         # One draw now (own generator: no other random stream moves), so mask settings that
         # cannot be met on this grid fail before any compute instead of at some later step.
         self.masks.sample(self.micro_batch * ranks, torch.Generator().manual_seed(t.seed))

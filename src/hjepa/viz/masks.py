@@ -16,28 +16,12 @@ import torch
 from matplotlib import colormaps
 from matplotlib.patches import Rectangle
 
-from hjepa.config import Config
-from hjepa.data.masks import MaskBatch, MultiBlockMaskSampler
+from hjepa.data.masks import MaskBatch
 from hjepa.models.hierarchy import cell_of_token
 from hjepa.viz.common import new_figure, save, strip_axes, upsample_grid
 
 CONTEXT_COLOUR = (0.1, 0.8, 0.2)
 OVERLAY_ALPHA = 0.55
-
-
-def sampler_from_config(cfg: Config) -> MultiBlockMaskSampler:
-    """The mask sampler a training run with ``cfg`` uses."""
-    m = cfg.masking
-    return MultiBlockMaskSampler(
-        cfg.data.image_size // cfg.model.patch_size,
-        levels=cfg.model.levels,
-        num_targets=m.num_targets,
-        target_scale=tuple(m.target_scale),
-        target_aspect=tuple(m.target_aspect),
-        context_scale=tuple(m.context_scale),
-        scale_mode=m.scale_mode,
-        min_context=m.min_context,
-    )
 
 
 def cells_to_tokens(cells: torch.Tensor, grid_size: int, level: int) -> torch.Tensor:

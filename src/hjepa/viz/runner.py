@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from hjepa.data.datasets import build_dataset
+from hjepa.data.masks import sampler_from_config
 from hjepa.data.normalize import channel_stats, to_input
 from hjepa.eval.features import iter_batches
 from hjepa.eval.runner import load_run_config
@@ -22,7 +23,7 @@ from hjepa.train.logging import read_metrics
 from hjepa.viz.attention import attention_summaries, last_block_attention, plot_attention
 from hjepa.viz.common import display_images
 from hjepa.viz.curves import plot_curves
-from hjepa.viz.masks import plot_masks, sampler_from_config
+from hjepa.viz.masks import plot_masks
 from hjepa.viz.pca import pca_rgb, plot_pca
 
 PLOTS = ("masks", "attention", "pca", "curves")
