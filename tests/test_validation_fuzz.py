@@ -120,7 +120,7 @@ def test_dataset_images_the_model_cannot_take_are_refused_at_start(
 ):
     import hjepa.train.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "build_dataset", lambda *a, **k: _RGBDataset(dtype))
+    monkeypatch.setattr(trainer_module, "dataset_from_config", lambda *a, **k: _RGBDataset(dtype))
     with pytest.raises(ValueError, match=expected):
         Trainer(tiny_config())
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from hjepa.config import Config
+
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
 SPLITS = ("train", "test")
 
@@ -151,3 +153,18 @@ def build_dataset(
     # Distinct seeds so the test images are not copies of training images.
     split_seed = 2 * seed + (0 if split == "train" else 1)
     return make_synthetic(n, image_size, channels, num_classes=num_classes, seed=split_seed)
+
+
+def dataset_from_config(cfg: Config, split: str) -> Dataset:
+    """One split of the dataset a run's config names (``data.*`` and ``train.seed``)."""
+    d = cfg.data
+    return build_dataset(
+        d.name,
+        d.root or None,
+        split,
+        image_size=d.image_size,
+        channels=d.channels,
+        synthetic_size=d.synthetic_size,
+        seed=cfg.train.seed,
+        class_subset=d.class_subset or None,
+    )

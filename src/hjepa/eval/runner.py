@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hjepa.config import Config, ConfigError, from_dict, parse_override
-from hjepa.data.datasets import build_dataset
+from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.eval import robust_eval
 from hjepa.eval.collapse import collapse_report
@@ -95,16 +95,9 @@ class _Evaluator:
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         d = cfg.data
-        kw = dict(
-            image_size=d.image_size,
-            channels=d.channels,
-            synthetic_size=d.synthetic_size,
-            seed=cfg.train.seed,
-            class_subset=d.class_subset or None,
-        )
-        train_set = build_dataset(d.name, d.root or None, "train", **kw)
+        train_set = dataset_from_config(cfg, "train")
         self.train_set = fixed_subset(train_set, cfg.eval.train_limit, seed=3)
-        self.test_set = build_dataset(d.name, d.root or None, "test", **kw)
+        self.test_set = dataset_from_config(cfg, "test")
         self.channels = int(getattr(train_set, "channels", d.channels))
         self.num_classes = int(getattr(train_set, "num_classes", 0))
         self.mean, self.std = channel_stats(d.name, self.channels)

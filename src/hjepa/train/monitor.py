@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from hjepa.config import Config
-from hjepa.data.datasets import ImageTensors, build_dataset
+from hjepa.data.datasets import ImageTensors, dataset_from_config
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features
 from hjepa.eval.knn import knn_accuracy
@@ -69,16 +69,9 @@ class OnlineProbe:
 
     def _datasets(self) -> tuple[Dataset, Dataset, int]:
         if self._sets is None:  # loaded on first use, so short runs that never probe pay nothing
-            d, t = self.cfg.data, self.cfg.train
-            kw = dict(
-                image_size=d.image_size,
-                channels=d.channels,
-                synthetic_size=d.synthetic_size,
-                seed=t.seed,
-                class_subset=d.class_subset or None,
-            )
-            train = build_dataset(d.name, d.root or None, "train", **kw)
-            test = build_dataset(d.name, d.root or None, "test", **kw)
+            t = self.cfg.train
+            train = dataset_from_config(self.cfg, "train")
+            test = dataset_from_config(self.cfg, "test")
             num_classes = int(getattr(train, "num_classes", 0))
             self._sets = (
                 fixed_subset(train, t.knn_bank_size, seed=1),

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hjepa.config import Config, ConfigError, check_attention, dump_yaml, from_dict, level_weights
 from hjepa.data.augment import BatchAugment
-from hjepa.data.datasets import build_dataset
+from hjepa.data.datasets import dataset_from_config
 from hjepa.data.deit3 import DeiT3Augment
 from hjepa.data.loader import EpochLoader
 from hjepa.data.masks import sampler_from_config
@@ -86,17 +86,7 @@ class Trainer:
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
         if t.threads:
             torch.set_num_threads(t.threads)
-        root = d.root or None
-        self.train_set = build_dataset(
-            d.name,
-            root,
-            "train",
-            image_size=d.image_size,
-            channels=d.channels,
-            synthetic_size=d.synthetic_size,
-            seed=t.seed,
-            class_subset=d.class_subset or None,
-        )
+        self.train_set = dataset_from_config(cfg, "train")
         self.channels = int(getattr(self.train_set, "channels", d.channels))
         _check_first_image(self.train_set, d.name, self.channels)
         images = getattr(self.train_set, "images", None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hjepa.data.datasets import build_dataset
+from hjepa.data.datasets import dataset_from_config
 from hjepa.data.masks import sampler_from_config
 from hjepa.data.normalize import channel_stats, to_input
 from hjepa.eval.features import iter_batches
@@ -57,16 +57,7 @@ def visualize_run(
         return paths
 
     d, grid = cfg.data, cfg.data.image_size // cfg.model.patch_size
-    test = build_dataset(
-        d.name,
-        d.root or None,
-        "test",
-        image_size=d.image_size,
-        channels=d.channels,
-        synthetic_size=d.synthetic_size,
-        seed=cfg.train.seed,
-        class_subset=d.class_subset or None,
-    )
+    test = dataset_from_config(cfg, "test")
     images = next(iter_batches(test, num_images))[0]
     shown = display_images(images, d.image_size)
     if "masks" in only:
