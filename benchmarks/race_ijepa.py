@@ -49,7 +49,7 @@ TARGETS, TARGET_SCALE, ASPECT, CONTEXT_SCALE, MIN_KEEP = 4, (0.15, 0.2), (0.75, 
 
 
 # -- ours --------------------------------------------------------------------------------------
-def our_overrides(variant: str, predictor_mode: str) -> list[str]:
+def our_overrides(variant: str, predictor_mode: str, device: str = "cpu") -> list[str]:
     common = [
         "data.name=synthetic",
         f"data.image_size={IMAGE}",
@@ -70,7 +70,8 @@ def our_overrides(variant: str, predictor_mode: str) -> list[str]:
         f"masking.min_context={MIN_KEEP}",
         f"train.batch_size={BATCH}",
         "train.max_steps=1000",
-        "train.device=cpu",
+        f"train.device={device}",
+        "train.precision=fp32",  # the official step runs in fp32 (use_bfloat16=False)
         "run.tensorboard=false",
         "run.progress=false",
         "run.dir=/tmp/hjepa_race_unused",
@@ -84,11 +85,13 @@ FLAGS = {"compile": "train.compile=true"}  # optional third part of an --ours sp
 
 
 class Ours:
-    def __init__(self, variant: str, predictor_mode: str, extra: tuple[str, ...] = ()):
+    def __init__(
+        self, variant: str, predictor_mode: str, extra: tuple[str, ...] = (), device: str = "cpu"
+    ):
         from hjepa.config import load_config
         from hjepa.train.trainer import Trainer
 
-        overrides = our_overrides(variant, predictor_mode) + list(extra)
+        overrides = our_overrides(variant, predictor_mode, device) + list(extra)
         self.trainer = Trainer(load_config(None, overrides))
         self.trainer.model.train()
         self.batches = self.trainer._batches()
@@ -104,7 +107,7 @@ class Ours:
 
 # -- the official code -------------------------------------------------------------------------
 class Official:
-    def __init__(self, root: Path, seed: int = 0):
+    def __init__(self, root: Path, seed: int = 0, device: str = "cpu"):
         sys.path.insert(0, str(root))
         import src.models.vision_transformer as vit
         from src.helper import init_opt
@@ -124,6 +127,8 @@ class Official:
             num_patches=(IMAGE // PATCH) ** 2, embed_dim=WIDTH, predictor_embed_dim=PRED_WIDTH,
             depth=PRED_DEPTH, num_heads=HEADS,
         )  # fmt: skip
+        self.encoder.to(device)
+        self.predictor.to(device)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         ipe, epochs = 1000, 1
         self.optimizer, _, self.scheduler, self.wd_scheduler = init_opt(
@@ -138,7 +143,7 @@ class Official:
             min_keep=MIN_KEEP, allow_overlap=False,
         )  # fmt: skip
         gen = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(BATCH, CHANNELS, IMAGE, IMAGE, generator=gen) * 2 - 1
+        self.images = (torch.rand(BATCH, CHANNELS, IMAGE, IMAGE, generator=gen) * 2 - 1).to(device)
 
     def draw(self):
         _, masks_enc, masks_pred = self.collator([(img, 0) for img in self.images])
@@ -195,9 +200,16 @@ def flops_per_image(ours: Ours, official: Official, draws: int = 5) -> tuple[flo
     return totals[0] / (draws * BATCH), totals[1] / (draws * BATCH)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args) -> float:
+    _sync()
     start = time.perf_counter()
     fn(*args)
+    _sync()  # GPU work is asynchronous: count it in the step that queued it
     return time.perf_counter() - start
 
 
@@ -250,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (both sides, fp32)")
     parser.add_argument(
         "--ours",
         default="ijepa:repeat,ijepa:shared,default:repeat",
@@ -261,16 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.ijepa / "src" / "models" / "vision_transformer.py").is_file():
         parser.error(f"{args.ijepa} is not a checkout of facebookresearch/ijepa")
     torch.set_num_threads(args.threads)
-    official = Official(args.ijepa)
+    official = Official(args.ijepa, device=args.device)
     ours = {}
     for spec in args.ours.split(","):
         variant, mode, *flags = spec.split(":")
         extra = tuple(FLAGS[flag] for flag in flags)
-        ours["_".join(["ours", variant, mode, *flags])] = Ours(variant, mode, extra)
+        ours["_".join(["ours", variant, mode, *flags])] = Ours(variant, mode, extra, args.device)
     flops = {}
     for name, side in ours.items():
         flops[name], flops["official"] = flops_per_image(side, official)
     report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": args.threads,
         "batch": BATCH,
         "repeats": args.repeats,

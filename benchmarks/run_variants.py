@@ -37,7 +37,29 @@ def read_variants(paths: list[str]) -> list[tuple[str, list[str]]]:
     return variants
 
 
+def same_as_earlier(
+    variants: list[tuple[str, list[str]]], preset: str, extra: list[str]
+) -> dict[str, str]:
+    """``{name: earlier name}`` for variants whose resolved config repeats an earlier one's
+    (``loss.regularizer=none`` and an explicit default such as ``train.ema_timing=after_step``
+    resolve alike)."""
+    from hjepa.config import load_config
+
+    first: dict[str, str] = {}
+    duplicates = {}
+    for name, overrides in variants:
+        key = json.dumps(load_config(preset, [*extra, *overrides]).to_dict(), sort_keys=True)
+        if key in first:
+            duplicates[name] = first[key]
+        else:
+            first[key] = name
+    return duplicates
+
+
 def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    if args.deadline and time.time() > args.started + args.deadline:
+        return {"name": name, "overrides": overrides, "rc": None, "seconds": 0.0,
+                "skipped": f"not started: past --deadline {args.deadline:g} s"}  # fmt: skip
     run_dir = Path(args.runs) / name
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     common = [
@@ -100,11 +122,31 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="overrides applied to every variant",
     )
+    parser.add_argument(
+        "--skip-duplicates",
+        action="store_true",
+        help="run a variant whose overrides repeat an earlier variant's only once",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="start no run later than this after launch (0: no limit); list order is priority",
+    )
     args = parser.parse_args()
+    args.started = time.time()
     args.runs = args.runs or str(Path(args.out) / "runs")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     summary = Path(args.out) / "summary.jsonl"
     variants = read_variants(args.variants)
+    if args.skip_duplicates:
+        duplicates = same_as_earlier(variants, args.config, args.extra)
+        for name, earlier in duplicates.items():
+            print(f"{name}: same config as {earlier}, not run", flush=True)
+            with summary.open("a") as f:
+                f.write(json.dumps({"name": name, "same_as": earlier}) + "\n")
+        variants = [(n, o) for n, o in variants if n not in duplicates]
     with ThreadPoolExecutor(args.parallel) as pool:
         futures = [pool.submit(run_one, n, o, args) for n, o in variants]
         for fut in as_completed(futures):  # write each result as soon as it exists

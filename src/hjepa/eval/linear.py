@@ -190,6 +190,7 @@ class LinearClassifier:
     val_accuracy: float
 
     def predict(self, feats: Tensor) -> Tensor:
+        feats = feats.to(self.weight.device)
         return (self.scaler(feats) @ self.weight.T + self.bias).argmax(dim=1)
 
     def accuracy(self, feats: Tensor, labels: Tensor) -> float:
@@ -198,6 +199,7 @@ class LinearClassifier:
                 f"linear classifier: features must be [N, {self.weight.shape[1]}], got "
                 f"{tuple(feats.shape)}; extract them with the encoder it was fit on"
             )
+        feats = feats.to(self.weight.device)  # fit on a GPU, scored anywhere
         return _accuracy(self.scaler(feats), labels, self.weight, self.bias)
 
 
