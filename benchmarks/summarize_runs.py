@@ -1,6 +1,6 @@
 """Summarise a folder of evaluated runs as the ablation's Markdown table (+ plot, correlation).
 
-Usage: ``python benchmarks/summarize_runs.py RUNS_DIR [--out DIR] [--title TEXT]``
+Usage: ``python benchmarks/summarize_runs.py RUNS_DIR [--out DIR] [--title TEXT] [--online]``
 
 Every sub-folder of RUNS_DIR with a ``config.yaml`` is a run; runs named ``<name>_s<seed>`` are
 grouped by ``<name>`` and reported as mean ± sample std over seeds (kNN and linear of all
@@ -8,6 +8,8 @@ levels concatenated and of level 0, low-shot and mCE when evaluated, collapse ve
 the loss-vs-accuracy Spearman correlations from their ``metrics.jsonl``. Writes
 ``ablation.md``, ``ablation.png``, ``correlation.{md,json}`` and ``report.md`` into ``--out``
 (default RUNS_DIR) and prints the table. Same code as ``hjepa ablate`` (experiments/report.py).
+``--online`` reads each run's last online probe instead of ``eval.json`` (runs trained with
+``run_variants.py --no-eval``): kNN on the probe's bank, effective rank and normalised std.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--title", default="Ablation")
+    parser.add_argument("--online", action="store_true", help="use the last online probes")
     args = parser.parse_args(argv)
     if not args.runs_dir.is_dir():
         print(f"summarize_runs: {args.runs_dir} is not a folder", file=sys.stderr)
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             f"summarize_runs: no run folders (with config.yaml) in {args.runs_dir}", file=sys.stderr
         )
         return 2
-    write_ablation_report(args.out or args.runs_dir, runs, title=args.title)
-    print(ablation_markdown(ablation_rows(group_runs(runs))), end="")
+    source = "online" if args.online else "eval"
+    write_ablation_report(args.out or args.runs_dir, runs, title=args.title, source=source)
+    print(ablation_markdown(ablation_rows(group_runs(runs), source)), end="")
     return 0
 
 

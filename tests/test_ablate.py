@@ -209,3 +209,62 @@ def test_summarize_runs_script_prints_the_same_table(tmp_path, capsys):
     assert printed == ablation_markdown(rows)
     assert "| x | 2/2 | 0.6000 ± 0.1414 |" in printed
     assert (tmp_path / "o" / "ablation.png").stat().st_size > 0
+
+
+def write_probes(run_dir: Path, probes: list[dict]) -> None:
+    run_dir.mkdir(parents=True)
+    lines = [{"step": p["step"], "kind": "probe", **p} for p in probes]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_online_table_reads_the_last_probe_of_each_run(tmp_path):
+    early = {"step": 100, "knn_level0": 0.9, "knn_concat": 0.9, "rank_level0": 50.0}
+    write_probes(
+        tmp_path / "a_s0",
+        [early, {"step": 200, "knn_level0": 0.5, "knn_concat": 0.6, "rank_level0": 2.0,
+                 "std_level0": 0.01, "collapsed_level0": False, "collapsed_level1": True}],
+    )  # fmt: skip
+    write_probes(
+        tmp_path / "a_s1",
+        [{"step": 200, "knn_level0": 0.7, "knn_concat": 0.8, "rank_level0": 4.0,
+          "std_level0": 0.03, "collapsed_level0": False}],
+    )  # fmt: skip
+    write_probes(tmp_path / "flat_s0", [{"step": 50, "knn_level0": 0.4, "rank_level0": 9.0}])
+    (tmp_path / "b_s0").mkdir()  # no probe logged
+    groups = group_runs(sorted(tmp_path.iterdir()))
+    rows = {r["name"]: r for r in ablation_rows(groups, source="online")}
+    assert rows["a"]["kNN concat"] == [0.6, 0.8] and rows["a"]["eff. rank level0"] == [2.0, 4.0]
+    assert rows["a"]["collapsed"] == 1  # level 1 of seed 0 collapsed
+    assert rows["flat"]["kNN concat"] == [0.4]  # one level: concat falls back to level 0
+    assert rows["b"]["evaluated"] == 0
+    table = ablation_markdown(list(rows.values()))
+    assert "| variant | seeds | kNN concat | kNN level0 | eff. rank level0 | norm. std" in table
+    assert "| a | 2/2 | 0.7000 ± 0.1414 | 0.6000 ± 0.1414 | 3.0 ± 1.4 | 0.0200 ± 0.0141 |" in table
+    assert "linear" not in table
+    with pytest.raises(ValueError, match="source"):
+        ablation_rows(groups, source="eval.json")
+
+
+def test_run_variants_skips_duplicate_configs_and_respects_the_deadline(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "run_variants", ROOT / "benchmarks" / "run_variants.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    variants = [
+        ("none", ["loss.regularizer=none"]),
+        ("fixed", ["train.ema_timing=after_step", "loss.regularizer=none"]),  # defaults: same
+        ("geo", ["masking.scale_mode=geometric", "loss.regularizer=none"]),
+        ("none_again", ["loss.regularizer=none", "loss.regularizer=none"]),
+    ]
+    assert script.same_as_earlier(variants, "quickstart", []) == {
+        "fixed": "none",
+        "none_again": "none",
+    }
+    # Shared overrides come first, so a variant's own explicit default still wins over them.
+    assert (
+        script.same_as_earlier(variants[:2], "quickstart", ["train.ema_timing=before_step"]) == {}
+    )
+    args = type("Args", (), {"deadline": 1.0, "started": 0.0})()  # launched long ago
+    record = script.run_one("late", ["train.seed=1"], args)
+    assert record["rc"] is None and "deadline" in record["skipped"]

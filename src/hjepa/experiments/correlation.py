@@ -129,7 +129,11 @@ def within_run(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def _final_accuracies(run_dir: Path) -> dict[str, float] | None:
+def _final_accuracies(run_dir: Path, source: str = "eval") -> dict[str, float] | None:
+    if source == "online":  # the last online probe's kNN (no linear probe online)
+        probes = [r for r in read_metrics(run_dir) if r.get("kind") == "probe"]
+        key = _accuracy_key(probes[-1]) if probes else None
+        return {"knn": float(probes[-1][key])} if key else None
     path = run_dir / "eval.json"
     if not path.is_file():
         return None
@@ -140,11 +144,12 @@ def _final_accuracies(run_dir: Path) -> dict[str, float] | None:
     )
 
 
-def across_runs(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
-    """Spearman rho of final-window loss terms vs final eval accuracy over runs."""
+def across_runs(run_dirs: Sequence[str | Path], source: str = "eval") -> dict[str, Any]:
+    """Spearman rho of final-window loss terms vs final accuracy over runs: that of
+    ``eval.json`` (``source="eval"``) or of the last online probe (``"online"``)."""
     rows = []
     for run_dir in map(Path, run_dirs):
-        accs = _final_accuracies(run_dir)
+        accs = _final_accuracies(run_dir, source)
         points = probe_windows(read_metrics(run_dir), _run_weights(run_dir))
         if accs and points:
             rows.append({"run": run_dir.name, **accs, **{t: points[-1].get(t) for t in TERMS}})
@@ -160,11 +165,12 @@ def across_runs(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
     return out
 
 
-def correlation_report(run_dirs: Sequence[str | Path]) -> dict[str, Any]:
+def correlation_report(run_dirs: Sequence[str | Path], source: str = "eval") -> dict[str, Any]:
     """``{"within": {run name: within_run}, "across": across_runs}`` for a set of runs."""
     return {
         "within": {Path(r).name: within_run(r) for r in run_dirs},
-        "across": across_runs(run_dirs),
+        "across": across_runs(run_dirs, source),
+        "source": source,
     }
 
 
@@ -192,7 +198,8 @@ def correlation_markdown(report: dict[str, Any]) -> str:
     a = report["across"]
     lines += [
         "",
-        f"Across runs ({a['runs']} runs; final loss window vs final eval accuracy):",
+        f"Across runs ({a['runs']} runs; final loss window vs final "
+        f"{'online-probe' if report.get('source') == 'online' else 'eval'} accuracy):",
         "",
         "| loss term | runs | vs kNN | vs linear |",
         "|---|---|---|---|",

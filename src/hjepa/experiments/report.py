@@ -35,6 +35,16 @@ METRICS = (
     ("linear 10% labels", "low_shot_0.1"),
     ("mCE vs pixels", "mce"),
 )
+#: The same table from each run's last online probe (``metrics.jsonl``) instead of
+#: ``eval.json``: kNN on the probe's small bank and query set, and the collapse statistics.
+ONLINE_PLOTTED = ("kNN concat", "kNN level0")
+ONLINE_METRICS = (
+    ("kNN concat", "knn_concat"),
+    ("kNN level0", "knn_level0"),
+    ("eff. rank level0", "rank_level0"),
+    ("norm. std level0", "std_level0"),
+)
+SOURCES = ("eval", "online")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -222,6 +232,24 @@ def run_summary(run_dir: str | Path) -> dict[str, Any] | None:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def online_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """Flat numbers of a run's last online probe (None when it logged no probe)."""
+    probes = [r for r in read_metrics(Path(run_dir)) if r.get("kind") == "probe"]
+    if not probes:
+        return None
+    last = probes[-1]
+    out = {key: last[key] for _, key in ONLINE_METRICS if key in last}
+    out.setdefault("knn_concat", last.get("knn_level0"))  # one level: level 0 is all there is
+    out["collapsed"] = any(v for k, v in last.items() if k.startswith("collapsed_"))
+    out["step"] = last["step"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+
+
 def group_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
     """Run directories grouped by name without the ``_s<seed>`` suffix, in first-seen order."""
     groups: dict[str, list[Path]] = {}
@@ -230,18 +258,25 @@ def group_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
     return groups
 
 
-def ablation_rows(groups: dict[str, list[Path]]) -> list[dict[str, Any]]:
-    """Per group: per-metric lists of seed values, evaluated/total runs, collapsed count."""
+def ablation_rows(groups: dict[str, list[Path]], source: str = "eval") -> list[dict[str, Any]]:
+    """Per group: per-metric lists of seed values, evaluated/total runs, collapsed count.
+
+    ``source="eval"`` reads each run's ``eval.json``; ``"online"`` its last online probe.
+    """
+    _check_source(source)
+    summarize, metrics = (
+        (run_summary, METRICS) if source == "eval" else (online_summary, ONLINE_METRICS)
+    )
     rows = []
     for name, dirs in groups.items():
-        summaries = [s for s in map(run_summary, dirs) if s is not None]
+        summaries = [s for s in map(summarize, dirs) if s is not None]
         row: dict[str, Any] = {
             "name": name,
             "runs": len(dirs),
             "evaluated": len(summaries),
             "collapsed": sum(bool(s["collapsed"]) for s in summaries),
         }
-        for title, key in METRICS:
+        for title, key in metrics:
             row[title] = [s[key] for s in summaries if key in s]
         rows.append(row)
     return rows
@@ -249,7 +284,8 @@ def ablation_rows(groups: dict[str, list[Path]]) -> list[dict[str, Any]]:
 
 def ablation_markdown(rows: list[dict[str, Any]]) -> str:
     """Markdown table (mean ± std over seeds); metrics no run has are left out."""
-    metrics = [title for title, _ in METRICS if any(row[title] for row in rows)]
+    titles = [title for title, _ in (*METRICS, *ONLINE_METRICS)]
+    metrics = [t for t in dict.fromkeys(titles) if any(row.get(t) for row in rows)]
     lines = [
         "| variant | seeds | " + " | ".join(metrics) + " | collapse |",
         "|---|---|" + "---|" * len(metrics) + "---|",
@@ -261,7 +297,7 @@ def ablation_markdown(rows: list[dict[str, Any]]) -> str:
             verdict = f"**collapsed** ({row['collapsed']}/{row['evaluated']} seeds)"
         else:
             verdict = "healthy"
-        digits = {"mCE vs pixels": 3}
+        digits = {"mCE vs pixels": 3, "eff. rank level0": 1}
         cells = [fmt_mean_std(row[m], digits.get(m, 4)) for m in metrics]
         seeds = f"{row['evaluated']}/{row['runs']}"
         lines.append(f"| {row['name']} | {seeds} | " + " | ".join(cells) + f" | {verdict} |")
@@ -274,23 +310,29 @@ def write_ablation_report(
     *,
     title: str = "Ablation",
     preamble: str = "",
+    source: str = "eval",
 ) -> dict[str, Path]:
-    """Write ``ablation.md``, ``ablation.png``, ``correlation.{md,json}`` and ``report.md``."""
+    """Write ``ablation.md``, ``ablation.png``, ``correlation.{md,json}`` and ``report.md``.
+
+    ``source="online"`` builds them from the runs' last online probes (runs not evaluated).
+    """
     from hjepa.experiments.correlation import correlation_markdown, correlation_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = ablation_rows(group_runs(run_dirs))
+    rows = ablation_rows(group_runs(run_dirs), source)
     table = ablation_markdown(rows)
     paths = {"ablation.md": out_dir / "ablation.md"}
     paths["ablation.md"].write_text(f"# {title}\n\n{table}")
+    plotted = PLOTTED if source == "eval" else ONLINE_PLOTTED
     paths["ablation.png"] = plot_ablation(
-        [{"name": r["name"], **{m: r[m] for m in PLOTTED}} for r in rows],
-        list(PLOTTED),
+        [{"name": r["name"], **{m: r[m] for m in plotted}} for r in rows],
+        list(plotted),
         out_dir / "ablation.png",
     )
-    evaluated = [d for d in run_dirs if (Path(d) / "eval.json").is_file()]
-    corr = correlation_report(evaluated)
+    summarize = run_summary if source == "eval" else online_summary
+    evaluated = [d for d in run_dirs if summarize(d) is not None]
+    corr = correlation_report(evaluated, source)
     paths["correlation.json"] = out_dir / "correlation.json"
     paths["correlation.json"].write_text(json.dumps(corr, indent=2))
     corr_md = correlation_markdown(corr)
@@ -300,7 +342,8 @@ def write_ablation_report(
         f"# {title}",
         "",
         preamble,
-        "## Results (mean ± sample std over seeds)",
+        "## Results (mean ± sample std over seeds)"
+        + ("" if source == "eval" else ", from each run's last online probe"),
         "",
         table,
         "![ablation](ablation.png)",
