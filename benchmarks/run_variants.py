@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-duplicates",
         action="store_true",
-        help="run a variant whose overrides repeat an earlier variant's only once",
+        help="run a variant whose resolved config repeats an earlier variant's only once",
     )
     parser.add_argument(
         "--deadline",

@@ -118,6 +118,15 @@ def test_within_and_across_runs_on_hand_made_runs(tmp_path):
     assert across["prediction_vs_linear"] == pytest.approx(-0.5)
     assert across["sigreg_n"] == 1 and across["sigreg_vs_knn"] is None
 
+    # From the online probes: the same final kNN (make_run logs it last), and no linear probe.
+    online = across_runs([a, b, c], source="online")
+    assert online["prediction_vs_knn"] == pytest.approx(across["prediction_vs_knn"])
+    assert "prediction_vs_linear" not in online
+    (a / "eval.json").unlink()  # an online report needs no eval.json
+    assert across_runs([a, b, c], source="online")["runs"] == 3
+    assert across_runs([a, b, c])["runs"] == 2
+    (a / "eval.json").write_text(json.dumps({"trained": {"concat": {"knn": 0.4, "linear": 0.9}}}))
+
     md = correlation_markdown(correlation_report([a, b, c]))
     assert "| a | 4 | -1.000 | +0.949 |" in md
     assert "| c | 2 | n/a | - |" in md
