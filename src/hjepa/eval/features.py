@@ -46,7 +46,8 @@ def encoder_features(
 
     Returns ``({"level0": [N, D], ..., "concat": [N, levels*D]}, labels [N])``. Level ``l`` is
     exactly what the predictor is trained to predict at that level (2D-pooled, non-affine
-    layer-normed tokens), averaged over the image.
+    layer-normed tokens), averaged over the image. Features stay on ``device`` (the probes run
+    there); labels are on the CPU.
     """
     encoder.eval()
     per_level: list[list[Tensor]] = [[] for _ in range(levels)]
@@ -55,7 +56,7 @@ def encoder_features(
         x = to_input(images.to(device), mean, std, image_size)
         tokens = encoder(x)
         for lvl, feats in enumerate(level_features(tokens, encoder.grid_size, levels)):
-            per_level[lvl].append(feats.mean(dim=1).float().cpu())
+            per_level[lvl].append(feats.mean(dim=1).float())
         all_labels.append(labels)
     out = {f"level{lvl}": torch.cat(chunks) for lvl, chunks in enumerate(per_level)}
     if levels > 1:

@@ -190,7 +190,7 @@ class LinearClassifier:
     val_accuracy: float
 
     def predict(self, feats: Tensor) -> Tensor:
-        feats = feats.to(self.weight.device)
+        feats = feats.to(self.weight.device)  # fit on a GPU, scored anywhere
         return (self.scaler(feats) @ self.weight.T + self.bias).argmax(dim=1)
 
     def accuracy(self, feats: Tensor, labels: Tensor) -> float:
@@ -199,8 +199,8 @@ class LinearClassifier:
                 f"linear classifier: features must be [N, {self.weight.shape[1]}], got "
                 f"{tuple(feats.shape)}; extract them with the encoder it was fit on"
             )
-        feats = feats.to(self.weight.device)  # fit on a GPU, scored anywhere
-        return _accuracy(self.scaler(feats), labels, self.weight, self.bias)
+        predictions = self.predict(feats)
+        return (predictions == labels.to(predictions.device)).double().mean().item()
 
 
 def fit_linear_classifier(

@@ -116,7 +116,7 @@ class _Evaluator:
         )
         # The probes run where the encoder does: L-BFGS and kNN over 60k images take
         # minutes on a CPU and seconds on a GPU.
-        return {k: v.to(self.device) for k, v in feats.items()}, labels.to(self.device)
+        return feats, labels.to(self.device)
 
     def pixels(self, dataset: Dataset) -> tuple[Tensor, Tensor]:
         feats, labels = pixel_features(
