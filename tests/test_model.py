@@ -45,6 +45,17 @@ def test_encoder_keep_all_equals_full_and_positions_follow_grid_index():
     assert not torch.allclose(a, b)
 
 
+def test_encoder_blocks_get_token_major_memory():
+    """The patch grid is made token-major once: a transposed (channel-major) view would make
+    every LayerNorm of every block copy its input first."""
+    enc = VisionTransformer(16, 4, 1, 32, 2, 2)
+    layouts = []
+    for norm in [m for m in enc.modules() if isinstance(m, torch.nn.LayerNorm)]:
+        norm.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous()))
+    enc(torch.randn(2, 1, 16, 16))
+    assert layouts == [True] * 5  # two per block and the final norm
+
+
 def test_pool_tokens_matches_loops_with_floor():
     grid, d = 7, 3
     tokens = torch.randn(2, grid * grid, d)

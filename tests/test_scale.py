@@ -127,11 +127,16 @@ def test_shared_blocks_do_not_see_each_other():
 @pytest.mark.parametrize("first_query", [0, 3])
 def test_context_blocks_attention_equals_the_masked_attention(first_query):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 3 + 2 * 4, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 3 + 2 * 4, 8, generator=g).requires_grad_() for _ in range(3))
     mask = shared_attention_mask(3, 2, 4)
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    reference = reference[:, :, first_query:]
     out = ContextBlocks(3, 2, 4).attend(q, k, v, first_query)
-    torch.testing.assert_close(out, reference[:, :, first_query:])
+    torch.testing.assert_close(out, reference)
+    weights = torch.randn(out.shape, generator=g)  # gradients too, through the split pieces
+    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)), expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_shared_attention_mask_by_hand():

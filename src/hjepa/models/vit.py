@@ -130,19 +130,26 @@ class ContextBlocks:
         if first_query not in (0, nc):
             raise ValueError(f"first_query must be 0 or the context length {nc}, got {first_query}")
         b, h, _, dh = k.shape
+        # split, not slicing: its backward concatenates the two gradients in one pass, where
+        # each slice's backward would fill a zero tensor of the full size first.
+        (q_ctx, q_blocks), (k_ctx, k_blocks), (v_ctx, v_blocks) = (
+            t.split([nc, m * nt], dim=2) for t in (q, k, v)
+        )
 
         def per_block(t: Tensor) -> Tensor:  # [B, H, M Nt, dh] -> [B M, H, Nt, dh]
-            return t[:, :, nc:].reshape(b, h, m, nt, dh).transpose(1, 2).reshape(b * m, h, nt, dh)
+            return t.reshape(b, h, m, nt, dh).transpose(1, 2).reshape(b * m, h, nt, dh)
 
-        def with_context(t: Tensor) -> Tensor:  # each block's keys: the context, then itself
-            ctx = t[:, None, :, :nc].expand(b, m, h, nc, dh).reshape(b * m, h, nc, dh)
-            return torch.cat([ctx, per_block(t)], dim=2)
+        def with_context(ctx: Tensor, blocks: Tensor) -> Tensor:  # the context, then the block
+            ctx = ctx[:, None].expand(b, m, h, nc, dh).reshape(b * m, h, nc, dh)
+            return torch.cat([ctx, per_block(blocks)], dim=2)
 
-        out = F.scaled_dot_product_attention(per_block(q), with_context(k), with_context(v))
+        out = F.scaled_dot_product_attention(
+            per_block(q_blocks), with_context(k_ctx, k_blocks), with_context(v_ctx, v_blocks)
+        )
         out = out.reshape(b, m, h, nt, dh).transpose(1, 2).reshape(b, h, m * nt, dh)
         if first_query:
             return out
-        ctx_out = F.scaled_dot_product_attention(q[:, :, :nc], k[:, :, :nc], v[:, :, :nc])
+        ctx_out = F.scaled_dot_product_attention(q_ctx, k_ctx, v_ctx)
         return torch.cat([ctx_out, out], dim=2)
 
 
@@ -317,7 +324,8 @@ class VisionTransformer(nn.Module):
         grid = x.shape[-1]
         if x.shape[-2] != grid:
             raise ValueError(f"images must be square, got {tuple(images.shape[-2:])}")
-        x = x.flatten(2).transpose(1, 2)
+        # Token-major memory: a transposed view would make every later LayerNorm copy it.
+        x = x.flatten(2).transpose(1, 2).contiguous()
         if not self.rope:
             table = self.pos_embed
             if grid != self.grid_size:

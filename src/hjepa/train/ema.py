@@ -17,5 +17,5 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError("target and online networks must have the same parameters")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+    # xi + (1 - m)(theta - xi): the same average in one pass over the weights instead of two.
+    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
