@@ -16,22 +16,23 @@ from hjepa.models.hjepa import HJEPA
 from hjepa.train.trainer import Trainer
 
 
-def test_upsample_cells_copies_the_parent_and_zeroes_orphans():
+def test_upsample_cells_copies_the_parent():
     coarse = torch.arange(4.0).view(1, 1, 4, 1)  # a 2x2 grid, cell value = its index
     up = upsample_cells(coarse, 4, 0).view(4, 4)  # level 0 of a 4x4 grid
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]).float()
     assert torch.equal(up, expected)
-    # 5x5 grid -> 2x2 parents: row 4 and column 4 have no parent (floor) and get zeros.
+    # 5x5 grid -> 3x3 parents (ceil): row 4 and column 4 read the smaller edge parents.
+    coarse = torch.arange(9.0).view(1, 1, 9, 1)
     odd = upsample_cells(coarse, 5, 0).view(5, 5)
-    assert torch.equal(odd[:4, :4], expected)
-    assert (odd[4] == 0).all() and (odd[:, 4] == 0).all()
+    rows = torch.tensor([0, 0, 1, 1, 2])
+    assert torch.equal(odd, (rows[:, None] * 3 + rows[None, :]).float())
 
 
 def test_prediction_pyramid_is_scatter_then_masked_cell_means():
     values = torch.randn(2, 3, 5, 4)
     index = torch.stack([torch.randperm(36)[:5] for _ in range(6)]).view(2, 3, 5)
     pyr = prediction_pyramid(values, index, 6, 3)
-    assert [p.shape[2] for p in pyr] == [36, 9, 1]
+    assert [p.shape[2] for p in pyr] == [36, 9, 4]  # 6x6 -> 3x3 -> 2x2 (ceil)
     dense = scatter_level0(values, index, 6)
     for b in range(2):
         for m in range(3):

@@ -26,24 +26,25 @@ def bbox(mask: torch.Tensor, g: int) -> tuple[int, int, int, int]:
 
 
 def reference_cells(footprint: torch.Tensor, g: int, level: int) -> torch.Tensor:
-    """Brute-force level cells of one flat [g*g] footprint, written with plain loops."""
-    s, gl = 2**level, g // 2**level
+    """Brute-force level cells of one flat [g*g] footprint, written with plain loops: ceil
+    pooling, so the edge cells of a grid 2**level does not divide hold fewer tokens."""
+    s = 2**level
+    gl = (g + s - 1) // s
     fp = footprint.view(g, g).tolist()
-    counts = [[0] * gl for _ in range(gl)]
-    for i in range(gl):
-        for j in range(gl):
-            counts[i][j] = sum(
-                fp[r][c] for r in range(i * s, i * s + s) for c in range(j * s, j * s + s)
-            )
-    out = [2 * counts[i][j] >= s * s for i in range(gl) for j in range(gl)]
+    span = [range(i * s, min(i * s + s, g)) for i in range(gl)]
+    counts = [
+        [sum(fp[r][c] for r in span[i] for c in span[j]) for j in range(gl)] for i in range(gl)
+    ]
+    out = [2 * counts[i][j] >= len(span[i]) * len(span[j]) for i in range(gl) for j in range(gl)]
     if not any(out):
         tokens = [(r + 0.5, c + 0.5) for r in range(g) for c in range(g) if fp[r][c]]
         cy = sum(t[0] for t in tokens) / max(len(tokens), 1)
         cx = sum(t[1] for t in tokens) / max(len(tokens), 1)
+        centre = [(span[i][0] + span[i][-1] + 1) / 2 for i in range(gl)]
         best, best_key = None, None
         for i in range(gl):
             for j in range(gl):
-                d2 = ((i + 0.5) * s - cy) ** 2 + ((j + 0.5) * s - cx) ** 2
+                d2 = (centre[i] - cy) ** 2 + (centre[j] - cx) ** 2
                 key = (-counts[i][j], d2)
                 if best_key is None or key < best_key:  # strict: ties keep the lowest index
                     best, best_key = i * gl + j, key
@@ -65,7 +66,7 @@ def test_shapes_dtypes_and_equal_counts(grid: int, levels: int) -> None:
     assert len(masks.level_blocks) == len(masks.level_targets) == levels
     assert torch.equal(masks.level_targets[0], masks.targets)
     for level, lt in enumerate(masks.level_targets):
-        gl = {7: [7, 3, 1], 14: [14, 7, 3]}[grid][level]
+        gl = {7: [7, 4, 2], 14: [14, 7, 4]}[grid][level]  # ceil pooling
         assert level_grid_size(grid, level) == gl
         assert lt.shape == (b, m, gl * gl) and lt.dtype == torch.bool
         counts = lt.sum(-1)
@@ -196,7 +197,7 @@ def test_level_rule_matches_brute_force_reference(grid: int) -> None:
     single = torch.zeros(grid * grid, grid * grid, dtype=torch.bool)
     single[torch.arange(grid * grid), torch.arange(grid * grid)] = True  # one token each
     footprints = torch.cat([rects.flatten(0, 1), noise.flatten(0, 1), single])
-    for level in range(1, grid.bit_length()):  # every level with at least one cell
+    for level in range(1, (grid - 1).bit_length() + 1):  # every level down to the 1x1 grid
         got = footprint_to_level(footprints, grid, level)
         want = torch.stack([reference_cells(fp, grid, level) for fp in footprints])
         assert torch.equal(got, want)
@@ -207,8 +208,13 @@ def test_level_rule_hand_examples() -> None:
     fp[0:3, 0] = True  # cell (0,0) has 2/4 tokens (qualifies), cell (1,0) has 1/4 (does not)
     assert footprint_to_level(fp.flatten(), 8, 1).nonzero().flatten().tolist() == [0]
     corner = torch.zeros(7, 7, dtype=torch.bool)
-    corner[6, 6] = True  # outside the floor-pooled 3x3 grid: nearest cell (2,2) -> index 8
-    assert footprint_to_level(corner.flatten(), 7, 1).nonzero().flatten().tolist() == [8]
+    corner[6, 6] = True  # the 1-token edge cell (3,3) of the ceil-pooled 4x4 grid, all covered
+    assert footprint_to_level(corner.flatten(), 7, 1).nonzero().flatten().tolist() == [15]
+    edge = torch.zeros(7, 7, dtype=torch.bool)
+    edge[4:6, 4:7] = True  # 6 of the 12 tokens of level-2 cell (1,1) (rows 4-6, cols 4-6)
+    assert footprint_to_level(edge.flatten(), 7, 2).nonzero().flatten().tolist() == [3]
+    edge[5, 6] = False  # 5 of 12, less than half: the fallback still picks that cell alone
+    assert footprint_to_level(edge.flatten(), 7, 2).nonzero().flatten().tolist() == [3]
     quarter = torch.zeros(8, 8, dtype=torch.bool)
     quarter[2, 5] = True  # 1/4 of cell (1,2): most covered although below half -> index 6
     assert footprint_to_level(quarter.flatten(), 8, 1).nonzero().flatten().tolist() == [6]
@@ -259,8 +265,8 @@ def test_scale_modes_footprint_growth() -> None:
     ("kwargs", "text"),
     [
         ({"grid_size": 7, "levels": 0}, "at least 1 level"),
-        ({"grid_size": 7, "levels": 4}, "use at most 3 levels"),
-        ({"grid_size": 14, "levels": 5}, "use at most 4 levels"),
+        ({"grid_size": 7, "levels": 5}, "use at most 4 levels"),  # 7, 4, 2, 1
+        ({"grid_size": 3, "levels": 4}, "use at most 3 levels"),  # 3, 2, 1
         ({"grid_size": 14, "scale_mode": "linear"}, "geometric"),
         ({"grid_size": 14, "target_scale": (0.0, 0.2)}, "0 < min <= max"),
         ({"grid_size": 14, "target_scale": (0.3, 0.2)}, "0 < min <= max"),

@@ -56,23 +56,29 @@ def test_encoder_blocks_get_token_major_memory():
     assert layouts == [True] * 5  # two per block and the final norm
 
 
-def test_pool_tokens_matches_loops_with_floor():
+def test_pool_tokens_matches_loops_with_ceil():
+    """7x7 -> 4x4 -> 2x2 -> 1x1: every token in one cell, edge cells average what they hold."""
     grid, d = 7, 3
     tokens = torch.randn(2, grid * grid, d)
-    pooled = pool_tokens(tokens, grid, 1)
-    assert pooled.shape == (2, 9, d)
     g = tokens.view(2, grid, grid, d)
-    for i in range(3):
-        for j in range(3):
-            ref = g[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(dim=(1, 2))
-            torch.testing.assert_close(pooled[:, i * 3 + j], ref)
-    assert pool_tokens(tokens, grid, 2).shape == (2, 1, d)
+    for level, side in ((1, 4), (2, 2), (3, 1)):
+        pooled = pool_tokens(tokens, grid, level)
+        assert pooled.shape == (2, side * side, d)
+        s = 2**level
+        for i in range(side):
+            for j in range(side):
+                ref = g[:, s * i : s * (i + 1), s * j : s * (j + 1)].mean(dim=(1, 2))
+                torch.testing.assert_close(pooled[:, i * side + j], ref)
+    torch.testing.assert_close(pool_tokens(tokens, grid, 3)[:, 0], tokens.mean(1))
 
 
-def test_cell_of_token_drops_the_floor_remainder():
+def test_cell_of_token_puts_every_token_in_a_cell():
     cells = cell_of_token(7, 1).view(7, 7)
-    assert cells[0, 0] == 0 and cells[1, 1] == 0 and cells[2, 3] == 4
-    assert (cells[6] == -1).all() and (cells[:, 6] == -1).all()
+    assert cells[0, 0] == 0 and cells[1, 1] == 0 and cells[2, 3] == 5
+    assert cells[6].tolist() == [12, 12, 13, 13, 14, 14, 15]  # the 1-token-high edge row
+    level2 = cell_of_token(7, 2).view(7, 7)
+    assert level2[:4, :4].eq(0).all() and level2[4:, 4:].eq(3).all()
+    assert torch.equal(cell_of_token(7, 2).bincount(), torch.tensor([16, 12, 12, 9]))
 
 
 def test_masked_cell_mean_against_brute_force():

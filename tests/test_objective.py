@@ -127,14 +127,13 @@ def _pooled_by_hand(context, index, grid, levels):
     """Per level: for each image, the mean of its context tokens inside each level cell."""
     per_level = []
     for lvl in range(levels):
-        s, g = 1 << lvl, grid >> lvl
+        s = 1 << lvl
         rows = []
         for b in range(context.shape[0]):
             cells: dict[tuple[int, int], list] = {}
             for token, pos in zip(context[b], index[b].tolist()):
-                r, c = divmod(pos, grid)
-                if r // s < g and c // s < g:
-                    cells.setdefault((r // s, c // s), []).append(token)
+                r, c = divmod(pos, grid)  # ceil pooling: every token is in cell (r//s, c//s)
+                cells.setdefault((r // s, c // s), []).append(token)
             rows += [torch.stack(tokens).mean(0) for _, tokens in sorted(cells.items())]
         per_level.append(torch.stack(rows))
     return per_level
@@ -168,7 +167,7 @@ def test_regularize_on_regularises_the_claimed_tensors(tiny_config):
 
 def test_context_cells_match_the_hand_pooling():
     gen = torch.Generator().manual_seed(0)
-    grid, batch, tokens = 7, 3, 20  # 7x7: the last row/column belong to no level-1/2 cell
+    grid, batch, tokens = 7, 3, 20  # 7x7: level 1 and 2 have smaller edge cells
     index = torch.stack([torch.randperm(grid * grid, generator=gen)[:tokens] for _ in range(3)])
     context = torch.randn(batch, tokens, 5, generator=gen)
     by_hand = _pooled_by_hand(context, index, grid, 3)

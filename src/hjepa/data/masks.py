@@ -21,10 +21,11 @@ of :meth:`MultiBlockMaskSampler.sample` draws, for a batch of ``B`` images:
   removing all of them would leave no context). A sample left with fewer than ``min_context``
   tokens is redrawn (bounded retries); then each sample keeps a random subset of
   ``K = min_b |C_b|`` tokens, so counts are equal and gathering is a reshape.
-* **Level targets.** The level-``l`` grid is level 0 average-pooled by ``s = 2**l`` with floor,
-  ``G_l = G // s`` (cell ``i`` covers rows ``[i s, (i + 1) s)``; leftover rows/cols belong to no
-  cell). A cell is a target when ``2 |cell ∩ footprint| >= s**2`` (at least half covered); if no
-  cell qualifies, the most-covered one does (ties: cell centre nearest to the footprint centroid,
+* **Level targets.** The level-``l`` grid is level 0 average-pooled by ``s = 2**l`` with
+  ceiling, ``G_l = ceil(G / s)``: cell ``i`` covers rows ``[i s, min((i + 1) s, G))``, so an
+  edge cell of a grid ``s`` does not divide is smaller, and every token is in one cell. A cell is
+  a target when ``2 |cell ∩ footprint| >= |cell|`` (at least half covered); if no cell
+  qualifies, the most-covered one does (ties: cell centre nearest to the footprint centroid,
   then lowest index), so no level is empty. Every ``[b, m]`` row then keeps a random subset of
   ``min_{b,m}`` cells.
 
@@ -48,8 +49,21 @@ _MAX_RETRIES = 20
 
 
 def level_grid_size(grid_size: int, level: int) -> int:
-    """Side of the level-``level`` grid: ``grid_size // 2**level`` (floor)."""
-    return grid_size // 2**level
+    """Side of the level-``level`` grid: ``ceil(grid_size / 2**level)``."""
+    return -(-grid_size // 2**level)
+
+
+def max_levels(grid_size: int) -> int:
+    """Levels down to the first 1 x 1 grid (a deeper one would repeat it): 4 for 7 x 7 or 8 x 8."""
+    return (grid_size - 1).bit_length() + 1
+
+
+def _cell_spans(grid_size: int, level: int) -> tuple[Tensor, Tensor]:
+    """Per row (= column) of level-``level`` cells: the tokens it spans and its centre."""
+    s = 2**level
+    start = torch.arange(level_grid_size(grid_size, level)) * s
+    end = (start + s).clamp(max=grid_size)
+    return end - start, (start + end) / 2
 
 
 def mask_to_index(mask: Tensor) -> Tensor:
@@ -71,19 +85,21 @@ def footprint_to_level(footprint: Tensor, grid_size: int, level: int) -> Tensor:
     """Level-``level`` target cells ``[..., N_l]`` of level-0 footprints ``[..., N]``."""
     s, g = 2**level, level_grid_size(grid_size, level)
     grid = footprint.reshape(-1, grid_size, grid_size)
-    counts = grid[:, : g * s, : g * s].reshape(-1, g, s, g, s).sum((2, 4)).flatten(1)
-    cells = 2 * counts >= s * s
+    pad = g * s - grid_size  # zero rows/columns that complete the edge cells
+    padded = torch.nn.functional.pad(grid.to(torch.int32), (0, pad, 0, pad))
+    counts = padded.reshape(-1, g, s, g, s).sum((2, 4)).flatten(1)
+    span, centre = _cell_spans(grid_size, level)
+    cells = 2 * counts >= (span[:, None] * span[None, :]).flatten()
     empty = ~cells.any(-1, keepdim=True)
     if not empty.any():
         return cells.reshape(*footprint.shape[:-1], g * g)
     # Fallback cell: most covered, then nearest to the footprint centroid, then lowest index.
-    centre = torch.arange(grid_size) + 0.5
+    token_centre = torch.arange(grid_size) + 0.5
     area = grid.sum((1, 2)).clamp(min=1)
-    cy = (grid.sum(2) * centre).sum(1) / area
-    cx = (grid.sum(1) * centre).sum(1) / area
-    cell_centre = (torch.arange(g) + 0.5) * s
-    dist2 = (cell_centre[None, :, None] - cy[:, None, None]) ** 2 + (
-        cell_centre[None, None, :] - cx[:, None, None]
+    cy = (grid.sum(2) * token_centre).sum(1) / area
+    cx = (grid.sum(1) * token_centre).sum(1) / area
+    dist2 = (centre[None, :, None] - cy[:, None, None]) ** 2 + (
+        centre[None, None, :] - cx[:, None, None]
     ) ** 2
     dist2 = dist2.flatten(1).masked_fill(counts < counts.amax(-1, keepdim=True), math.inf)
     best = torch.nn.functional.one_hot(dist2.argmin(-1), g * g).bool()
@@ -155,11 +171,11 @@ class MultiBlockMaskSampler:
             raise ValueError(f"grid_size={grid_size} is invalid: use a token grid of at least 1x1")
         if levels < 1:
             raise ValueError(f"model.levels={levels} is invalid: use at least 1 level")
-        if level_grid_size(grid_size, levels - 1) < 1:
-            most = grid_size.bit_length()  # largest L with grid_size // 2**(L-1) >= 1
+        if levels > max_levels(grid_size):
             raise ValueError(
                 f"model.levels={levels} is too deep for a {grid_size}x{grid_size} token grid: "
-                f"use at most {most} levels, or a larger image / smaller patch size"
+                f"use at most {max_levels(grid_size)} levels (the last one is 1x1), or a larger "
+                "image / smaller patch size"
             )
         if scale_mode not in SCALE_MODES:
             raise ValueError(

@@ -52,7 +52,6 @@ def context_cells(context: Tensor, index: Tensor, grid_size: int, level: int) ->
     """Context tokens ``[B, Nc, D]`` at grid positions ``index [B, Nc]`` averaged inside each
     level-``level`` cell holding at least one of them: ``[cells, D]`` (level 0: the tokens).
 
-    Tokens beyond the floored grid (``G`` not divisible by ``2**level``) belong to no cell.
     The number of non-empty cells varies per image, so selecting them reads it back to the
     host once.
     """
@@ -60,10 +59,10 @@ def context_cells(context: Tensor, index: Tensor, grid_size: int, level: int) ->
         return context.flatten(0, 1)
     means = masked_cell_mean(context.unsqueeze(1), index.unsqueeze(1), grid_size, level)[:, 0]
     cells = level_grid(grid_size, level) ** 2
-    cell = cell_of_token(grid_size, level, index.device)[index]  # [B, Nc], -1 outside
-    present = torch.zeros(index.shape[0], cells + 1, dtype=torch.bool, device=index.device)
+    cell = cell_of_token(grid_size, level, index.device)[index]  # [B, Nc]
+    present = torch.zeros(index.shape[0], cells, dtype=torch.bool, device=index.device)
     present[torch.arange(index.shape[0], device=index.device).unsqueeze(1), cell] = True
-    return means[present[:, :cells]]
+    return means[present]
 
 
 class Objective(nn.Module):

@@ -1,8 +1,13 @@
 """Spatial hierarchy over the level-0 token grid.
 
-Level ``l`` average-pools the ``G x G`` grid by ``s = 2**l`` in 2D with floor, so cell ``(i, j)``
-covers rows ``[i*s, (i+1)*s)`` and columns ``[j*s, (j+1)*s)``; tokens beyond ``(G // s) * s``
-belong to no cell. :class:`TopDownFPN` fuses the per-level prediction grids top-down.
+Level ``l`` average-pools the ``G x G`` grid by ``s = 2**l`` in 2D with ceiling: the level-``l``
+grid has ``g_l = ceil(G / s)`` cells a side, cell ``(i, j)`` covers rows ``[i*s, min((i+1)*s, G))``
+and the same columns, and its value is the mean of the tokens it holds (an edge cell of a grid
+that ``s`` does not divide holds fewer). So every token belongs to exactly one cell at every
+level: with floor pooling the last ``G mod s`` rows and columns would belong to none, and on a
+7 x 7 grid level 2 would be the top-left 4 x 4 tokens alone. ``ceil(g_l / 2) = g_{l+1}``, so
+cell ``(i, j)`` of level ``l`` lies inside cell ``(i // 2, j // 2)`` of level ``l + 1``.
+:class:`TopDownFPN` fuses the per-level prediction grids top-down.
 """
 
 from __future__ import annotations
@@ -13,27 +18,25 @@ from torch import Tensor, nn
 
 
 def level_grid(grid_size: int, level: int) -> int:
-    return grid_size >> level
+    """Side of the level-``level`` cell grid: ``ceil(grid_size / 2**level)``."""
+    return -(-grid_size >> level)
 
 
 def cell_of_token(grid_size: int, level: int, device: torch.device | None = None) -> Tensor:
-    """``[G*G]`` long: the level-``level`` cell of every level-0 token, or -1 when outside."""
-    s, g = 1 << level, level_grid(grid_size, level)
-    rc = torch.arange(grid_size, device=device) // s
-    rows, cols = rc[:, None].expand(-1, grid_size), rc[None, :].expand(grid_size, -1)
-    cells = rows * g + cols
-    inside = (rows < g) & (cols < g)
-    return torch.where(inside, cells, torch.full_like(cells, -1)).flatten()
+    """``[G*G]`` long: the level-``level`` cell of every level-0 token."""
+    rc = torch.arange(grid_size, device=device) >> level
+    return (rc[:, None] * level_grid(grid_size, level) + rc[None, :]).flatten()
 
 
 def pool_tokens(tokens: Tensor, grid_size: int, level: int) -> Tensor:
-    """``[B, G*G, D]`` -> ``[B, g*g, D]`` by 2D average pooling with window and stride ``2**l``."""
+    """``[B, G*G, D]`` -> ``[B, g*g, D]``: per cell, the mean of the tokens it holds."""
     if level == 0:
         return tokens
     b, _, d = tokens.shape
     grid = tokens.transpose(1, 2).reshape(b, d, grid_size, grid_size)
     s = 1 << level
-    return F.avg_pool2d(grid, s, s).flatten(2).transpose(1, 2)
+    # Without padding, a ceil-mode window that runs off the grid divides by the tokens it holds.
+    return F.avg_pool2d(grid, s, s, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
 def masked_cell_mean(values: Tensor, token_index: Tensor, grid_size: int, level: int) -> Tensor:
@@ -51,13 +54,11 @@ def masked_cell_mean(values: Tensor, token_index: Tensor, grid_size: int, level:
     b, m, k, d = values.shape
     g2 = level_grid(grid_size, level) ** 2
     cell = cell_of_token(grid_size, level, values.device)[token_index]  # [B, M, K]
-    # Route tokens outside every cell to an extra bin that is dropped afterwards.
-    cell = torch.where(cell < 0, torch.full_like(cell, g2), cell)
-    sums = values.new_zeros(b, m, g2 + 1, d).scatter_add_(
+    sums = values.new_zeros(b, m, g2, d).scatter_add_(
         2, cell.unsqueeze(-1).expand(-1, -1, -1, d), values
     )
-    counts = values.new_zeros(b, m, g2 + 1).scatter_add_(2, cell, values.new_ones(b, m, k))
-    return (sums / counts.clamp_min(1).unsqueeze(-1))[:, :, :g2]
+    counts = values.new_zeros(b, m, g2).scatter_add_(2, cell, values.new_ones(b, m, k))
+    return sums / counts.clamp_min(1).unsqueeze(-1)
 
 
 def scatter_level0(values: Tensor, token_index: Tensor, grid_size: int) -> Tensor:
@@ -82,13 +83,10 @@ def upsample_cells(coarse: Tensor, grid_size: int, level: int) -> Tensor:
     """Nearest upsampling from level ``level + 1`` to level ``level`` on the cell grids.
 
     ``coarse [B, M, g_{l+1}^2, D]`` -> ``[B, M, g_l^2, D]``: cell ``(i, j)`` of level ``l``
-    copies its parent ``(i // 2, j // 2)``, and gets zeros when the parent is beyond the floored
-    coarser grid (odd ``g_l``).
+    copies its parent ``(i // 2, j // 2)``, the level-``l + 1`` cell that holds it.
     """
     parent = cell_of_token(level_grid(grid_size, level), 1, coarse.device)  # [g_l^2]
-    outside = coarse.shape[2]  # index of an appended zero cell
-    padded = torch.cat([coarse, coarse.new_zeros(*coarse.shape[:2], 1, coarse.shape[3])], dim=2)
-    return padded[:, :, torch.where(parent < 0, outside, parent)]
+    return coarse[:, :, parent]
 
 
 class TopDownFPN(nn.Module):

@@ -28,11 +28,7 @@ def cells_to_tokens(cells: torch.Tensor, grid_size: int, level: int) -> torch.Te
     """Level-``level`` cell mask ``[..., N_l]`` -> level-0 token mask ``[..., N]`` it covers."""
     if level == 0:
         return cells
-    owner = cell_of_token(grid_size, level)  # [N], -1 outside every cell
-    inside = owner >= 0
-    out = torch.zeros(*cells.shape[:-1], grid_size**2, dtype=torch.bool)
-    out[..., inside] = cells[..., owner[inside]]
-    return out
+    return cells[..., cell_of_token(grid_size, level)]
 
 
 def _bbox(mask: torch.Tensor, grid_size: int) -> tuple[int, int, int, int]:
