@@ -10,8 +10,8 @@ backward, AdamW, EMA) for each predictor mode, and prints one JSON object::
 Per mode: images/s over ``--steps`` timed steps (after ``--warmup``), milliseconds per step,
 peak GPU memory, and the attention kernels of one profiled step (``torch.profiler`` kernel
 names): ``flash_attention_used`` is true when a kernel whose name contains ``flash`` ran.
-The predictor's ``shared`` mode needs an attention mask, which the flash kernel does not take
-(PyTorch then picks the memory-efficient kernel for the predictor). Never asserts a speed.
+The predictor's ``shared`` mode computes its block-diagonal attention as two unmasked SDPA
+calls (``ContextBlocks``), so flash kernels serve it too. Never asserts a speed.
 """
 
 from __future__ import annotations
