@@ -8,8 +8,11 @@ backward, AdamW, EMA) for each predictor mode, and prints one JSON object::
     python benchmarks/gpu_check.py --steps 50 --batch 64 --modes repeat --compile
 
 Per mode: images/s over ``--steps`` timed steps (after ``--warmup``), milliseconds per step,
-peak GPU memory, and the attention kernels of one profiled step (``torch.profiler`` kernel
-names): ``flash_attention_used`` is true when a kernel whose name contains ``flash`` ran.
+peak GPU memory, and one step under ``torch.profiler`` (``profiled_step``): the attention
+kernels (``flash_attention_used`` is true when a kernel whose name contains ``flash`` ran), the
+fraction of the step's wall time in which some kernel ran (``gpu_busy_fraction``: far below 1,
+the step is bound by the host, not the GPU), kernel launches, host syncs, and the kernels and
+CPU ops that took longest.
 The predictor's ``shared`` mode computes its block-diagonal attention as two unmasked SDPA
 calls (``ContextBlocks``), so flash kernels serve it too. Never asserts a speed.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 
@@ -56,21 +60,70 @@ def build_trainer(mode: str, batch: int, precision: str, compile_: bool, extra: 
     return trainer
 
 
-def attention_kernels(step) -> dict[str, int]:
-    """CUDA kernels of one step whose names look like attention, with their call counts."""
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``[start, end)`` intervals: time in which at least one kernel ran
+    (kernels that overlap on several streams count once)."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+# Calls after which the host waits for the GPU (a plain cudaMemcpy blocks; the Async one not).
+HOST_SYNC_CALLS = {
+    "cudaDeviceSynchronize",
+    "cudaStreamSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "aten::_local_scalar_dense",  # .item(), bool(tensor) and the like
+}
+
+
+def profile_step(step, top: int = 12) -> dict:
+    """One profiled step: the attention kernels (name -> calls), how busy the GPU was over the
+    step's wall time, the kernels and CPU ops that took longest, and the host syncs.
+
+    A GPU busy fraction well below 1 means the step waits on the host (Python, launches, syncs,
+    data) rather than on kernels; that is what ``images/s`` alone cannot tell.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    names: dict[str, int] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name
-            if any(word in name.lower() for word in ATTENTION_WORDS):
-                short = name[:120]
-                names[short] = names.get(short, 0) + 1
-    return names
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.events()
+    cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    attention: dict[str, int] = {}
+    kernel_us: dict[str, list[float]] = {}
+    for e in cuda:
+        name = e.name[:120]
+        if any(word in name.lower() for word in ATTENTION_WORDS):
+            attention[name] = attention.get(name, 0) + 1
+        kernel_us.setdefault(name, []).append(e.time_range.end - e.time_range.start)
+    busy_us = busy_time([(e.time_range.start, e.time_range.end) for e in cuda])
+    cpu_ops = sorted(
+        (e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+        key=lambda e: -e.self_cpu_time_total,
+    )
+    # The synchronize that ends the profiled step is one of them.
+    syncs = sum(1 for e in events if e.name in HOST_SYNC_CALLS)
+    longest = sorted(kernel_us.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "attention_kernels": attention,
+        "step_wall_ms": wall_us / 1e3,
+        "gpu_busy_ms": busy_us / 1e3,
+        "gpu_busy_fraction": busy_us / wall_us,
+        "kernel_launches": len(cuda),
+        "host_syncs": syncs,
+        "top_kernels_ms": {name: [len(ts), sum(ts) / 1e3] for name, ts in longest},
+        "top_cpu_ops_ms": {e.key: e.self_cpu_time_total / 1e3 for e in cpu_ops[:top]},
+    }
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
@@ -87,7 +140,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         step()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
-    kernels = attention_kernels(step)
+    profiled = profile_step(step)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -100,8 +153,8 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "warmup_s": warmup_s,
         "precision": trainer.precision,
-        "flash_attention_used": any("flash" in name.lower() for name in kernels),
-        "attention_kernels": kernels,
+        "flash_attention_used": any("flash" in n.lower() for n in profiled["attention_kernels"]),
+        "profiled_step": profiled,
     }
     return result
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +218,16 @@ def test_image_folder_training_decodes_in_workers_and_logs_skipped_images(tiny_c
     batches = trainer._batches()  # the next epoch meets the bad file again
     sizes = [next(batches)[1].shape[0] for _ in range(3)]
     assert sizes == [5, 5, 5] and trainer.loader.skipped == 2  # the short batch was refilled
+
+
+def test_gpu_check_busy_time_counts_overlapping_kernels_once():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # [0, 15) from two overlapping kernels, [20, 25) holding a nested one, an empty interval.
+    intervals = [(22.0, 23.0), (5.0, 15.0), (0.0, 10.0), (20.0, 25.0), (30.0, 30.0)]
+    assert script.busy_time(intervals) == 20.0
+    assert script.busy_time([]) == 0.0
+    assert script.busy_time([(1.0, 2.0), (2.0, 4.0)]) == 3.0  # touching: no double count
