@@ -47,7 +47,12 @@ def test_attention_equals_softmax_reference(backend):
 
 
 def test_attention_backend_sets_and_restores_the_sdpa_flags():
-    before = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+    flags = (
+        torch.backends.cuda.flash_sdp_enabled,
+        torch.backends.cuda.math_sdp_enabled,
+        torch.backends.cuda.cudnn_sdp_enabled,
+    )
+    before = [flag() for flag in flags]
     with attention_backend("math"):
         assert torch.backends.cuda.math_sdp_enabled()
         assert not torch.backends.cuda.flash_sdp_enabled()
@@ -55,14 +60,25 @@ def test_attention_backend_sets_and_restores_the_sdpa_flags():
     with attention_backend("flash"):
         assert torch.backends.cuda.flash_sdp_enabled()
         assert not torch.backends.cuda.math_sdp_enabled()
-    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == (
-        before
-    )
+    with attention_backend("auto"):  # every kernel but cuDNN's (a graph per new shape)
+        assert torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backend("cudnn"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.math_sdp_enabled()
+    assert [flag() for flag in flags] == before
     with pytest.raises(ValueError, match="not one of"), attention_backend("fast"):
         pass
 
 
 def test_flash_and_efficient_are_refused_without_cuda(tiny_config):
+    with pytest.raises(ConfigError, match="cudnn needs a CUDA GPU with bf16/fp16; use auto"):
+        load_config(None, ["model.attention=cudnn", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="cudnn needs a CUDA GPU with bf16/fp16"):
+        load_config(None, ["model.attention=cudnn", "train.precision=fp32"])
     with pytest.raises(ConfigError, match="flash needs a CUDA GPU with bf16/fp16; use auto"):
         load_config(None, ["model.attention=flash", "train.device=cpu"])
     with pytest.raises(ConfigError, match="efficient needs a CUDA GPU; use auto"):

@@ -202,7 +202,7 @@ CHOICES = {
     "data.name": ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic"),
     "masking.scale_mode": ("constant", "gentle", "geometric"),
     "model.predictor_mode": ("repeat", "shared"),
-    "model.attention": ("auto", "math", "efficient", "flash"),
+    "model.attention": ("auto", "math", "efficient", "flash", "cudnn"),
     "model.pos_embed": ("sincos", "rope"),
     "model.fpn": ("none", "add", "concat"),
     "model.target": ("ema", "shared"),
@@ -587,12 +587,13 @@ def _validate_regularizers(cfg: Config) -> None:
 
 def check_attention(attention: str, device: str, precision: str) -> None:
     """``model.attention`` against the (resolved or configured) device and precision."""
-    if attention in ("flash", "efficient") and device in ("cpu", "mps"):
-        need = " with bf16/fp16" if attention == "flash" else ""
+    half = attention in ("flash", "cudnn")  # kernels without an fp32 path
+    if attention in ("flash", "efficient", "cudnn") and device in ("cpu", "mps"):
+        need = " with bf16/fp16" if half else ""
         raise ConfigError(f"model.attention={attention} needs a CUDA GPU{need}; use auto")
-    if attention == "flash" and precision == "fp32":
+    if half and precision == "fp32":
         raise ConfigError(
-            "model.attention=flash needs a CUDA GPU with bf16/fp16 (train.precision=fp32 "
+            f"model.attention={attention} needs a CUDA GPU with bf16/fp16 (train.precision=fp32 "
             "given); use auto or train.precision=bf16"
         )
 

@@ -1,7 +1,7 @@
 """A small, plain Vision Transformer: patch embedding, 2D positions, pre-norm blocks.
 
-Attention goes through ``F.scaled_dot_product_attention``; :func:`attention_backend` pins the
-kernel (``torch.nn.attention.sdpa_kernel``) when ``model.attention`` is not ``auto``. Positions
+Attention goes through ``F.scaled_dot_product_attention``; :func:`attention_backend` picks the
+kernels it may use (``torch.nn.attention.sdpa_kernel``, ``model.attention``). Positions
 are fixed 2D sin-cos codes added to the patch embeddings (``pos_embed="sincos"``) or axial 2D
 RoPE applied to queries and keys in every block (``pos_embed="rope"``, see ``models/rope.py``).
 Tokens can be a subset of the grid (the context), selected by index, and a token's position
@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hjepa.models.rope import apply_rope, grid_positions, rope_tables
 
-ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash")
+ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
 POS_EMBEDS = ("sincos", "rope")
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
@@ -31,24 +31,27 @@ Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
 
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """Run SDPA with one kernel: ``math``, ``efficient`` (memory-efficient) or ``flash``.
+    """Run SDPA with the kernels ``name`` allows.
 
-    ``auto`` leaves PyTorch's own choice untouched. The flags are process-wide, so a backward
+    ``math``, ``efficient`` (memory-efficient), ``flash`` and ``cudnn`` pin one kernel. ``auto``
+    lets PyTorch choose among all of them *but* cuDNN attention: cuDNN builds an execution graph
+    for every new sequence length, and ours change every step (the context and target token
+    counts are batch minima of random masks: 37 different pairs in 45 steps of the ViT-S/16
+    preset), so each step would pay for new graphs. The flags are process-wide, so a backward
     pass (and the recomputation of checkpointed blocks) inside the same context uses them too.
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
-    if name == "auto":
-        yield
-        return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {
-        "math": SDPBackend.MATH,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "flash": SDPBackend.FLASH_ATTENTION,
+    allowed = {
+        "auto": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+        "math": [SDPBackend.MATH],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
     }[name]
-    with sdpa_kernel([backend]):
+    with sdpa_kernel(allowed):
         yield
 
 

@@ -199,12 +199,12 @@ class Trainer:
 
     def _check_attention(self) -> None:
         """``model.attention`` against the resolved device and precision (config time saw
-        only ``auto``); flash attention also needs an Ampere or newer GPU."""
+        only ``auto``); flash and cuDNN attention also need an Ampere or newer GPU."""
         name = self.cfg.model.attention
         check_attention(name, self.device.type, self.precision)
-        if name == "flash" and torch.cuda.get_device_capability(self.device) < (8, 0):
+        if name in ("flash", "cudnn") and torch.cuda.get_device_capability(self.device) < (8, 0):
             raise ConfigError(
-                "model.attention=flash needs a CUDA GPU of compute capability >= 8.0 "
+                f"model.attention={name} needs a CUDA GPU of compute capability >= 8.0 "
                 "(Ampere or newer); use auto or efficient"
             )
 
