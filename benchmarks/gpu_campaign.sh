@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in priority order, inside a fixed time budget:
-#   1. benchmarks/gpu_check.py (ViT-S/16 preset, synthetic 224 px: images/s, memory, kernels)
+#   1. benchmarks/gpu_check.py (ViT-S/16 preset, synthetic 224 px: images/s, memory, kernels),
+#      then again with model.attention=cudnn
 #   2. benchmarks/bench_encoder_options.py --device cuda (attention backends, checkpointing)
 #   3. benchmarks/race_ijepa.py --device cuda (needs IJEPA=path of a facebookresearch/ijepa
 #      checkout; skipped when unset)
@@ -8,7 +9,7 @@
 #      grids), many at once on the one GPU, each trained and evaluated; no run starts after
 #      DEADLINE seconds, and all are stopped at HARD_STOP seconds.
 # Usage: FMNIST=DIR [IJEPA=DIR] benchmarks/gpu_campaign.sh OUT_DIR
-# Results: OUT_DIR/{gpu_check,race_gpu}.json, bench_encoder_options.md, summary.jsonl, campaign.log
+# Results: OUT_DIR/{gpu_check,gpu_check_cudnn,race_gpu}.json, bench_encoder_options.md, summary.jsonl, campaign.log
 # and runs.tar.gz (every run folder without its checkpoints, plus the viz PNGs of sigreg_s0).
 set -u
 out=${1:?usage: FMNIST=DIR [IJEPA=DIR] benchmarks/gpu_campaign.sh OUT_DIR}
@@ -23,6 +24,9 @@ log() { echo "[$(($(date +%s) - start)) s] $*"; }
 log "$(nvidia-smi -L 2>&1 | head -1)"
 log "gpu_check"
 timeout 60 $py benchmarks/gpu_check.py --steps 40 --warmup 5 > "$out/gpu_check.json"
+log "gpu_check model.attention=cudnn (the kernel auto used to pick)"
+timeout 60 $py benchmarks/gpu_check.py --steps 40 --warmup 5 --modes repeat \
+  model.attention=cudnn > "$out/gpu_check_cudnn.json"
 log "bench_encoder_options --device cuda"
 timeout 45 $py benchmarks/bench_encoder_options.py --device cuda --batch 128 --repeats 5 \
   > "$out/bench_encoder_options.md"
