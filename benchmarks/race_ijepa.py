@@ -181,22 +181,26 @@ def official_inputs(x, index, *_):
 def flops_per_image(ours: Ours, official: Official, draws: int = 5) -> tuple[float, float]:
     """Mean FLOPs per image of one step on the same batches and masks.
 
-    Our attention runs on SDPA's math backend here: the counter does not see inside the fused
-    CPU kernel, and the official attention (explicit matmuls) is counted in full.
+    Our attention runs on SDPA's math backend here (``model.attention=math`` for the count: the
+    trainer sets the SDPA kernels itself): the counter does not see inside the fused CPU kernel,
+    and the official attention (explicit matmuls) is counted in full.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    model_cfg = ours.trainer.cfg.model
+    chosen, model_cfg.attention = model_cfg.attention, "math"
     totals = [0, 0]
-    for _ in range(draws):
-        inputs = ours.draw()
-        for i, (side, args) in enumerate(((ours, inputs), (official, official_inputs(*inputs)))):
-            with (
-                FlopCounterMode(display=False) as counter,
-                sdpa_kernel([SDPBackend.MATH]),
-                torch.compiler.set_stance("force_eager"),  # compiled graphs are not counted
-            ):
-                side.model_step(args)
-            totals[i] += counter.get_total_flops()
+    try:
+        for _ in range(draws):
+            inputs = ours.draw()
+            sides = ((ours, inputs), (official, official_inputs(*inputs)))
+            for i, (side, args) in enumerate(sides):
+                with (
+                    FlopCounterMode(display=False) as counter,
+                    torch.compiler.set_stance("force_eager"),  # compiled graphs are not counted
+                ):
+                    side.model_step(args)
+                totals[i] += counter.get_total_flops()
+    finally:
+        model_cfg.attention = chosen
     return totals[0] / (draws * BATCH), totals[1] / (draws * BATCH)
 
 
