@@ -1,5 +1,8 @@
+import time
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from hjepa.config import load_config
 
@@ -37,3 +40,21 @@ def tiny_config(tmp_path):
         return load_config(None, [*TINY, f"run.dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+def _run_ranks(fn, args: tuple, nprocs: int, start_method: str, timeout: float = 300.0) -> None:
+    """``torch.multiprocessing.start_processes`` that fails the test when a rank has not exited
+    after ``timeout`` seconds, instead of hanging the whole suite (a rank's error is raised)."""
+    ranks = mp.start_processes(fn, args, nprocs=nprocs, start_method=start_method, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=min(5.0, timeout)):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"a rank of {fn.__name__} did not exit within {timeout:.0f} s")
+
+
+@pytest.fixture
+def run_ranks():
+    """:func:`_run_ranks`: start ``fn(rank, *args)`` ranks and wait for them, with a deadline."""
+    return _run_ranks

@@ -13,10 +13,10 @@ import json
 import os
 import socket
 import sys
+import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hjepa.cli import main
 from hjepa.config import load_config
@@ -66,10 +66,10 @@ def _rank_main(rank: int, world: int, ports: list[int], run_dir: str) -> None:
     sys.stdout.flush()
 
 
-def test_two_ranks_match_one_process_step_for_step_with_resume(tmp_path):
+def test_two_ranks_match_one_process_step_for_step_with_resume(tmp_path, run_ranks):
     ddp_dir = tmp_path / "ddp"
     ports = [_free_port(), _free_port()]
-    mp.start_processes(_rank_main, (2, ports, str(ddp_dir)), nprocs=2, start_method="spawn")
+    run_ranks(_rank_main, (2, ports, str(ddp_dir)), nprocs=2, start_method="spawn")
     outputs = [(tmp_path / f"ddp.rank{r}.out").read_text() for r in range(2)]
     assert "trained 2/2 steps" in outputs[0] and "trained" not in outputs[1]  # rank 0 reports
 
@@ -151,3 +151,12 @@ def test_batch_that_does_not_split_over_ranks_and_accumulation_is_refused(tiny_c
     )
     with pytest.raises(ConfigError, match="split evenly over 2 rank"):
         Trainer(cfg)
+
+
+def _sleep_forever(rank: int) -> None:
+    time.sleep(3600)
+
+
+def test_a_hung_rank_fails_the_test_instead_of_hanging_the_suite(run_ranks):
+    with pytest.raises(pytest.fail.Exception, match="did not exit within 1 s"):
+        run_ranks(_sleep_forever, (), nprocs=1, start_method="fork", timeout=1)

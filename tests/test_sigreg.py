@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import hjepa.losses.sigreg as sigreg_module
 from hjepa.losses.sigreg import SIGReg, epps_pulley, epps_pulley_reference, random_directions
@@ -228,13 +227,10 @@ def _ddp_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, projection, random_directions(5, 9, step=4, dtype=torch.float64)
 
 
-def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path):
+def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks):
     world = len(_SHARDS)
-    mp.start_processes(
-        _ddp_worker,
-        args=(world, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world,
-        start_method="fork",
+    run_ranks(
+        _ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world, start_method="fork"
     )
     x, projection, directions = _ddp_inputs()
     x = x.clone().requires_grad_()

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hjepa.losses.contrastive import ProjectionHead, nt_xent
 from hjepa.losses.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
@@ -206,13 +205,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_vicreg_uses_the_global_batch(tmp_path):
+def test_ddp_vicreg_uses_the_global_batch(tmp_path, run_ranks):
     world = 2
-    mp.start_processes(
-        _ddp_worker,
-        args=(world, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world,
-        start_method="fork",
+    run_ranks(
+        _ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world, start_method="fork"
     )
     z = _ddp_inputs().requires_grad_()
     total = VICReg()(z)["total"]

@@ -8,6 +8,7 @@ epoch)``, so a run resumed from a checkpoint repeats exactly what the uninterrup
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import sys
 import time
@@ -618,7 +619,13 @@ def train(cfg: Config) -> Trainer:
     trainer = Trainer(cfg)
     try:
         trainer.fit()
+        distributed.barrier(trainer.dist)  # every rank done, rank 0's last checkpoint written
     finally:
+        # Drop DDP before the process group goes: its reducer holds the group, and a Gloo group
+        # destroyed later, when the trainer is collected, can wait forever on a peer that has
+        # already exited (seen once as a hung rank in the 2-process test).
+        trainer.ddp = trainer.model
+        gc.collect()
         distributed.cleanup(trainer.dist)  # leaves the process group torchrun's job set up
     return trainer
 
