@@ -9,9 +9,9 @@ from hjepa.data.masks import (
     MaskBatch,
     MultiBlockMaskSampler,
     footprint_to_level,
-    level_grid_size,
     mask_to_index,
 )
+from hjepa.models.hierarchy import level_grid
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -67,7 +67,7 @@ def test_shapes_dtypes_and_equal_counts(grid: int, levels: int) -> None:
     assert torch.equal(masks.level_targets[0], masks.targets)
     for level, lt in enumerate(masks.level_targets):
         gl = {7: [7, 4, 2], 14: [14, 7, 4]}[grid][level]  # ceil pooling
-        assert level_grid_size(grid, level) == gl
+        assert level_grid(grid, level) == gl
         assert lt.shape == (b, m, gl * gl) and lt.dtype == torch.bool
         counts = lt.sum(-1)
         assert counts.min() >= 1 and bool((counts == counts[0, 0]).all())

@@ -488,7 +488,9 @@ def validate(cfg: Config) -> None:
     grid = d.image_size // m.patch_size
     if not 1 <= m.levels <= 4:
         raise ConfigError(f"model.levels must be between 1 and 4, got {m.levels}")
-    deepest = (grid - 1).bit_length() + 1  # levels down to the first 1x1 grid (ceil pooling)
+    from hjepa.models.hierarchy import max_levels  # here: config itself stays torch-free
+
+    deepest = max_levels(grid)  # levels down to the first 1x1 grid (ceil pooling)
     if m.levels > deepest:
         raise ConfigError(
             f"model.levels={m.levels} is too deep for a {grid}x{grid} token grid: "

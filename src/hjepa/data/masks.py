@@ -42,26 +42,17 @@ import torch
 from torch import Tensor
 
 from hjepa.config import Config
+from hjepa.models.hierarchy import level_grid, max_levels
 
 SCALE_MODES = ("constant", "gentle", "geometric")
 _GENTLE_SHIFT = (0.0, 0.03, 0.05, 0.07)
 _MAX_RETRIES = 20
 
 
-def level_grid_size(grid_size: int, level: int) -> int:
-    """Side of the level-``level`` grid: ``ceil(grid_size / 2**level)``."""
-    return -(-grid_size // 2**level)
-
-
-def max_levels(grid_size: int) -> int:
-    """Levels down to the first 1 x 1 grid (a deeper one would repeat it): 4 for 7 x 7 or 8 x 8."""
-    return (grid_size - 1).bit_length() + 1
-
-
 def _cell_spans(grid_size: int, level: int) -> tuple[Tensor, Tensor]:
     """Per row (= column) of level-``level`` cells: the tokens it spans and its centre."""
     s = 2**level
-    start = torch.arange(level_grid_size(grid_size, level)) * s
+    start = torch.arange(level_grid(grid_size, level)) * s
     end = (start + s).clamp(max=grid_size)
     return end - start, (start + end) / 2
 
@@ -83,7 +74,7 @@ def mask_to_index(mask: Tensor) -> Tensor:
 
 def footprint_to_level(footprint: Tensor, grid_size: int, level: int) -> Tensor:
     """Level-``level`` target cells ``[..., N_l]`` of level-0 footprints ``[..., N]``."""
-    s, g = 2**level, level_grid_size(grid_size, level)
+    s, g = 2**level, level_grid(grid_size, level)
     grid = footprint.reshape(-1, grid_size, grid_size)
     pad = g * s - grid_size  # zero rows/columns that complete the edge cells
     padded = torch.nn.functional.pad(grid.to(torch.int32), (0, pad, 0, pad))

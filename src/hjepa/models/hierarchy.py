@@ -22,6 +22,11 @@ def level_grid(grid_size: int, level: int) -> int:
     return -(-grid_size >> level)
 
 
+def max_levels(grid_size: int) -> int:
+    """Levels down to the first 1 x 1 grid (a deeper one would repeat it): 4 for 7 x 7 or 8 x 8."""
+    return (grid_size - 1).bit_length() + 1
+
+
 def cell_of_token(grid_size: int, level: int, device: torch.device | None = None) -> Tensor:
     """``[G*G]`` long: the level-``level`` cell of every level-0 token."""
     rc = torch.arange(grid_size, device=device) >> level
