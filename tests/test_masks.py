@@ -11,7 +11,7 @@ from hjepa.data.masks import (
     footprint_to_level,
     mask_to_index,
 )
-from hjepa.models.hierarchy import level_grid
+from hjepa.grid import level_grid
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from hjepa.grid import grid_side, max_levels
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
@@ -452,7 +454,7 @@ def _check_masks_feasible(cfg: Config) -> None:
     A ``h x w`` block and a ``c x c`` square in a ``G x G`` grid overlap in at least
     ``max(0, h + c - G) * max(0, w + c - G)`` tokens.
     """
-    mk, grid = cfg.masking, cfg.data.image_size // cfg.model.patch_size
+    mk, grid = cfg.masking, grid_side(cfg.data.image_size, cfg.model.patch_size)
     n = grid * grid
     if mk.min_context > n:
         raise ConfigError(
@@ -485,11 +487,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.image_size={d.image_size} must be a multiple of model.patch_size={m.patch_size}"
         )
-    grid = d.image_size // m.patch_size
+    grid = grid_side(d.image_size, m.patch_size)
     if not 1 <= m.levels <= 4:
         raise ConfigError(f"model.levels must be between 1 and 4, got {m.levels}")
-    from hjepa.models.hierarchy import max_levels  # here: config itself stays torch-free
-
     deepest = max_levels(grid)  # levels down to the first 1x1 grid (ceil pooling)
     if m.levels > deepest:
         raise ConfigError(

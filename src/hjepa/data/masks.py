@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from hjepa.config import Config
-from hjepa.models.hierarchy import level_grid, max_levels
+from hjepa.grid import grid_side, level_grid, max_levels
 
 SCALE_MODES = ("constant", "gentle", "geometric")
 _GENTLE_SHIFT = (0.0, 0.03, 0.05, 0.07)
@@ -260,7 +260,7 @@ def sampler_from_config(cfg: Config) -> MultiBlockMaskSampler:
     """The mask sampler a training run with ``cfg`` uses."""
     m = cfg.masking
     return MultiBlockMaskSampler(
-        cfg.data.image_size // cfg.model.patch_size,
+        grid_side(cfg.data.image_size, cfg.model.patch_size),
         levels=cfg.model.levels,
         num_targets=m.num_targets,
         target_scale=tuple(m.target_scale),

@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from hjepa.grid import grid_side, level_grid
 from hjepa.losses.contrastive import nt_xent
 from hjepa.losses.prediction import prediction_loss
 from hjepa.losses.sigreg import SIGReg
 from hjepa.losses.vicreg import VICReg
-from hjepa.models.hierarchy import cell_of_token, level_grid, masked_cell_mean
+from hjepa.models.hierarchy import cell_of_token, masked_cell_mean
 
 if TYPE_CHECKING:
     from hjepa.config import Config
@@ -135,7 +136,7 @@ class Objective(nn.Module):
             distance=loss.distance,
             regularizer=loss.regularizer,
             regularize_on=loss.regularize_on,
-            grid_size=cfg.data.image_size // cfg.model.patch_size,
+            grid_size=grid_side(cfg.data.image_size, cfg.model.patch_size),
             sigreg_weight=loss.sigreg_weight,
             sigreg_slices=loss.sigreg_slices,
             vicreg_weight=loss.vicreg_weight,

@@ -16,15 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def level_grid(grid_size: int, level: int) -> int:
-    """Side of the level-``level`` cell grid: ``ceil(grid_size / 2**level)``."""
-    return -(-grid_size >> level)
-
-
-def max_levels(grid_size: int) -> int:
-    """Levels down to the first 1 x 1 grid (a deeper one would repeat it): 4 for 7 x 7 or 8 x 8."""
-    return (grid_size - 1).bit_length() + 1
+from hjepa.grid import level_grid
 
 
 def cell_of_token(grid_size: int, level: int, device: torch.device | None = None) -> Tensor:

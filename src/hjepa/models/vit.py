@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hjepa.grid import grid_side
 from hjepa.models.rope import apply_rope, grid_positions, rope_tables
 
 ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
@@ -298,7 +299,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         check_pos_embed(pos_embed, embed_dim, num_heads)
         self.patch_size = patch_size
-        self.grid_size = image_size // patch_size
+        self.grid_size = grid_side(image_size, patch_size)
         self.embed_dim = embed_dim
         self.head_dim = embed_dim // num_heads
         self.rope = pos_embed == "rope"

@@ -17,6 +17,7 @@ from hjepa.data.masks import sampler_from_config
 from hjepa.data.normalize import channel_stats, to_input
 from hjepa.eval.features import iter_batches
 from hjepa.eval.runner import load_run_config
+from hjepa.grid import grid_side
 from hjepa.models.hjepa import build_encoder
 from hjepa.train import checkpoint as ckpt
 from hjepa.train.logging import read_metrics
@@ -56,7 +57,7 @@ def visualize_run(
     if not set(only) - {"curves"}:
         return paths
 
-    d, grid = cfg.data, cfg.data.image_size // cfg.model.patch_size
+    d, grid = cfg.data, grid_side(cfg.data.image_size, cfg.model.patch_size)
     test = dataset_from_config(cfg, "test")
     images = next(iter_batches(test, num_images))[0]
     shown = display_images(images, d.image_size)
