@@ -25,6 +25,7 @@ from hjepa.data.loader import EpochLoader
 from hjepa.data.masks import sampler_from_config
 from hjepa.data.multicrop import LocalCrops
 from hjepa.data.normalize import channel_stats
+from hjepa.device import pick_device
 from hjepa.losses.combined import Objective
 from hjepa.models.hjepa import HJEPA, MaskIndices
 from hjepa.models.vit import attention_backend
@@ -41,20 +42,6 @@ GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to
 
 class NonFiniteLossError(RuntimeError):
     """A loss term, the gradient or the weights became NaN/inf (``train.nonfinite=stop``)."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device=mps but MPS is not available; use train.device=auto")
-    return torch.device(name)
 
 
 def step_seed(seed: int, micro: int, purpose: int) -> int:
@@ -630,4 +617,4 @@ def train(cfg: Config) -> Trainer:
     return trainer
 
 
-__all__ = ["Trainer", "train", "pick_device", "NonFiniteLossError", "dump_yaml"]
+__all__ = ["Trainer", "train", "NonFiniteLossError", "dump_yaml"]
