@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hjepa.losses.contrastive import ProjectionHead, nt_xent
+from hjepa.losses.contrastive import nt_xent
 from hjepa.losses.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from hjepa.losses.vicreg import VICReg, covariance_loss, invariance_loss, variance_loss
+from hjepa.models.heads import ProjectionHead
 
 SIGNS = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
 ALT = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)

@@ -1,4 +1,4 @@
-r"""C-JEPA contrastive term: SimCLR's NT-Xent between two views, and a small projector.
+r"""C-JEPA contrastive term: SimCLR's NT-Xent between two views (projector: models/heads.py).
 
 For views :math:`z^{(1)}, z^{(2)} \in \mathbb{R}^{B \times D}` stacked into :math:`2B` unit
 vectors :math:`u_i`, with positive :math:`p(i)` the other view of the same image and cosine
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
@@ -40,35 +40,3 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     index = torch.arange(batch, device=z1.device)
     positives = torch.cat((index + batch, index))
     return F.cross_entropy(logits, positives)
-
-
-class ProjectionHead(nn.Module):
-    """``Linear -> norm -> GELU -> Linear`` projector for the contrastive embeddings.
-
-    Args:
-        in_dim: input width (the encoder's embedding dimension).
-        hidden_dim: hidden width.
-        out_dim: output width.
-        norm: ``"batch"`` (BatchNorm1d, SimCLR) or ``"layer"`` (LayerNorm, batch-size free).
-    """
-
-    def __init__(
-        self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, norm: str = "batch"
-    ) -> None:
-        super().__init__()
-        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
-        if norm not in norms:
-            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
-        if min(in_dim, hidden_dim, out_dim) < 1:
-            raise ValueError("ProjectionHead dimensions must be positive")
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            norms[norm](hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 2:
-            raise ValueError(f"ProjectionHead expects [B, D] inputs, got shape {tuple(x.shape)}")
-        return self.net(x)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hjepa.config import ModelConfig
 from hjepa.data.masks import MaskBatch, mask_to_index
-from hjepa.losses.contrastive import ProjectionHead
+from hjepa.models.heads import ProjectionHead
 from hjepa.models.hierarchy import TopDownFPN, masked_cell_mean, pool_tokens, prediction_pyramid
 from hjepa.models.predictor import Predictor
 from hjepa.models.vit import VisionTransformer, gather_tokens
