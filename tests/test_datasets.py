@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from hjepa.data.cifar import load_cifar
-from hjepa.data.datasets import ImageTensors, build_dataset
+from hjepa.data.datasets import build_dataset
 from hjepa.data.fashion_mnist import load_fashion_mnist, read_idx
 from hjepa.data.image_folder import ImageFolder, read_class_subset
 from hjepa.data.synthetic import make_synthetic
+from hjepa.data.tensors import ImageTensors
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hjepa.cli import main
 from hjepa.config import ConfigError, load_config
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 from hjepa.eval.linear import fit_linear_classifier, linear_probe
 from hjepa.eval.robust_eval import accuracy_table, corrupt_dataset, materialize
 from hjepa.eval.robustness import CORRUPTIONS

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hjepa.data.datasets import ImageTensors
 from hjepa.data.image_folder import ImageFolder
 from hjepa.data.loader import EpochLoader
+from hjepa.data.tensors import ImageTensors
 
 
 def indexed(n: int) -> ImageTensors:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 
 _LAYOUT = {
     10: {

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 
 # Where `apt-get install dataset-fashion-mnist` puts the files, then our cache.
 DEFAULT_DIRS = (

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

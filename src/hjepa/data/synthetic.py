@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 
 _CHUNK = 1024  # images generated at once; bounds memory for large n
 _ELONGATION = 2.0  # envelope length along the stripes / across them

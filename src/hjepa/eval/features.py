@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from hjepa.data.datasets import ImageTensors
 from hjepa.data.normalize import to_input
+from hjepa.data.tensors import ImageTensors
 from hjepa.models.hjepa import level_features
 from hjepa.models.vit import VisionTransformer
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hjepa.data.datasets import ImageTensors
+from hjepa.data.tensors import ImageTensors
 from hjepa.eval.features import iter_batches
 from hjepa.eval.linear import LinearClassifier
 from hjepa.eval.robustness import (

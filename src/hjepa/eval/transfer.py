@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from hjepa.data.datasets import ImageTensors, build_dataset
+from hjepa.data.datasets import build_dataset
+from hjepa.data.tensors import ImageTensors
 
 DIGITS_TEST_FRACTION = 0.3
 DIGITS_SPLIT_SEED = 0

@@ -15,7 +15,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from hjepa.config import Config
-from hjepa.data.datasets import ImageTensors, dataset_from_config
+from hjepa.data.datasets import dataset_from_config
+from hjepa.data.tensors import ImageTensors
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features
 from hjepa.eval.knn import knn_accuracy
