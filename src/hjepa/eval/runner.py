@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from hjepa.config import Config, ConfigError, from_dict, parse_override
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
+from hjepa.data.subsets import fixed_subset
 from hjepa.device import pick_device
 from hjepa.eval import robust_eval
 from hjepa.eval.collapse import collapse_report
@@ -43,7 +44,6 @@ from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
 from hjepa.train import checkpoint as ckpt
-from hjepa.train.monitor import fixed_subset
 
 Features = tuple[dict[str, Tensor], Tensor]
 

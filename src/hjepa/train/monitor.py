@@ -12,30 +12,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from hjepa.config import Config
 from hjepa.data.datasets import dataset_from_config
-from hjepa.data.tensors import ImageTensors
+from hjepa.data.subsets import fixed_subset
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features
 from hjepa.eval.knn import knn_accuracy
 from hjepa.losses.sigreg import SIGReg
 from hjepa.models.vit import VisionTransformer
-
-
-def fixed_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-    """A reproducible random subset of ``size`` items (all of them when ``size`` is larger)."""
-    if size <= 0 or size >= len(dataset):
-        return dataset
-    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    index = index.sort().values
-    if isinstance(dataset, ImageTensors):
-        return ImageTensors(
-            dataset.images[index], dataset.labels[index], dataset.num_classes, dataset.classes
-        )
-    return Subset(dataset, index.tolist())
-
 
 #: Directions of the probe's SIGReg statistic: fixed (step 0) and independent of the loss
 #: settings, so values are comparable between probes and between runs.
