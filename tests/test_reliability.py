@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hjepa import checkpoint as ckpt
 from hjepa.cli import main
 from hjepa.config import dump_yaml, load_config
 from hjepa.export import ExportError, export_run, load_exported_encoder
 from hjepa.models.hjepa import build_encoder
-from hjepa.train import checkpoint as ckpt
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import NonFiniteLossError, Trainer
 from tests.conftest import TINY

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from hjepa import checkpoint as ckpt
 from hjepa.cli import main
-from hjepa.train import checkpoint as ckpt
 from hjepa.train.ema import ema_update
 from hjepa.train.optim import param_groups
 from hjepa.train.schedules import cosine, linear, warmup_cosine

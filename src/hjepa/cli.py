@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # an unusable checkpoint (2) or a NaN/inf that stopped training (1)
-        from hjepa.train.checkpoint import CheckpointError
+        from hjepa.checkpoint import CheckpointError
         from hjepa.train.trainer import NonFiniteLossError
 
         if not isinstance(e, CheckpointError | NonFiniteLossError):

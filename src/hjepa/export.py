@@ -21,11 +21,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from hjepa import checkpoint as ckpt
 from hjepa.config import ConfigError, from_dict
 from hjepa.data.normalize import channel_stats
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
-from hjepa.train import checkpoint as ckpt
 
 FORMAT = "hjepa.encoder"
 FORMAT_VERSION = 1

@@ -30,6 +30,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hjepa import checkpoint as ckpt
 from hjepa.config import Config, ConfigError, from_dict, parse_override
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
@@ -43,7 +44,6 @@ from hjepa.eval.linear import LinearClassifier, fit_linear_classifier, low_shot_
 from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
-from hjepa.train import checkpoint as ckpt
 
 Features = tuple[dict[str, Tensor], Tensor]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hjepa import checkpoint as ckpt
 from hjepa.config import Config, ConfigError, check_attention, dump_yaml, from_dict, level_weights
 from hjepa.data.augment import BatchAugment
 from hjepa.data.datasets import dataset_from_config
@@ -29,7 +30,6 @@ from hjepa.device import pick_device
 from hjepa.losses.combined import Objective
 from hjepa.models.hjepa import HJEPA, MaskIndices
 from hjepa.models.vit import attention_backend
-from hjepa.train import checkpoint as ckpt
 from hjepa.train import distributed
 from hjepa.train.ema import ema_update
 from hjepa.train.logging import MetricsLogger, truncate_after

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hjepa import checkpoint as ckpt
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.masks import sampler_from_config
 from hjepa.data.normalize import channel_stats, to_input
@@ -19,7 +20,6 @@ from hjepa.eval.features import iter_batches
 from hjepa.eval.runner import load_run_config
 from hjepa.grid import grid_side
 from hjepa.models.hjepa import build_encoder
-from hjepa.train import checkpoint as ckpt
 from hjepa.train.logging import read_metrics
 from hjepa.viz.attention import attention_summaries, last_block_attention, plot_attention
 from hjepa.viz.common import display_images

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints.
+"""Checkpoint files: atomic writes, plain-weights loading, and finding the newest usable one.
 
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced, then
 renamed over the old one (``os.replace`` is atomic on POSIX), and the directory is fsynced, so a
