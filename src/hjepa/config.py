@@ -7,6 +7,7 @@ whose every option does something.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -238,8 +239,27 @@ def get_value(cfg: Config, key: str) -> Any:
     return node
 
 
-def _unknown(key: str, options: list[str]) -> ConfigError:
+def _closest_key(key: str, options: list[str]) -> str | None:
+    """The valid key a mistyped one most likely meant.
+
+    A bare name (``batch_size``) is matched against the last component of every key, so it
+    finds ``train.batch_size``; among keys sharing that name, ``train.*`` comes first (the
+    settings a user reaches for most). Dotted keys are matched whole (``modle.embed_dim``).
+    """
+    if "." not in key:
+        tails = {}
+        for option in sorted(options, key=lambda o: (not o.startswith("train."), o)):
+            tails.setdefault(option.rsplit(".", 1)[-1], option)
+        close = difflib.get_close_matches(key, list(tails), n=1, cutoff=0.6)
+        if close:
+            return tails[close[0]]
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _unknown(key: str, options: list[str]) -> ConfigError:
+    close = _closest_key(key, options)
+    close = [close] if close else []
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
@@ -258,6 +278,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # YAML 1.1 reads '1e3' (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -316,8 +339,19 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+def _parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` whose syntax errors are one line: ``source:line:column: problem``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+
+
 def _read_yaml(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
+    path, res = Path(name_or_path), None
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
@@ -330,7 +364,7 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
                 " (or give a path to a .yaml file)"
             )
         text = res.read_text()
-    tree = yaml.safe_load(text) or {}
+    tree = _parse_yaml(text, str(path) if res is None else f"preset {name_or_path}") or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"config {name_or_path} must be a mapping of sections")
     return tree
@@ -340,7 +374,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value, e.g. train.max_steps=100")
     key, _, raw = item.partition("=")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(
+            f"override '{item}': the value after '=' is not valid YAML ({problem}); quote it "
+            "or write a list as [a, b]"
+        ) from None
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -380,6 +423,10 @@ MINIMUM = {
     "run.checkpoint_every": 1,
     "run.keep_every": 0,
     "train.epochs": 0,
+    "train.max_steps": 0,
+    "train.stop_after": 0,
+    "train.log_every": 1,
+    "train.knn_every": 0,
     "train.knn_bank_size": 0,
     "train.knn_query_size": 0,
     "train.num_workers": 0,
@@ -446,6 +493,36 @@ def _block_side(area: float, grid: int) -> int:
     return min(max(round(math.sqrt(area)), 1), grid)
 
 
+def _row_cover(grid: int, side: int) -> list[float]:
+    """Per row of a ``grid``-row grid: the chance that a block of ``side`` rows, its top row
+    uniform over the ``grid - side + 1`` offsets (as the sampler places it), covers that row."""
+    offsets = grid - side + 1
+    return [(min(r, grid - side) - max(0, r - side + 1) + 1) / offsets for r in range(grid)]
+
+
+def expected_context(cfg: Config) -> float:
+    """Context tokens a mask draw leaves on average, in the most favourable case the settings
+    allow: the largest context square and ``masking.num_targets`` level-0 target blocks of the
+    smallest scale, all placed uniformly at random (other scale modes hide more, never less).
+    """
+    mk, grid = cfg.masking, grid_side(cfg.data.image_size, cfg.model.patch_size)
+    n, best = grid * grid, 0.0
+    c = _block_side(mk.context_scale[1] * n, grid)
+    in_context = _row_cover(grid, c)
+    lo, hi = mk.target_aspect
+    for aspect in {lo, hi, min(max(1.0, lo), hi)}:
+        area = mk.target_scale[0] * n
+        rows = _row_cover(grid, _block_side(area * aspect, grid))
+        cols = _row_cover(grid, _block_side(area / aspect, grid))
+        left = sum(
+            in_context[r] * in_context[k] * (1.0 - rows[r] * cols[k]) ** mk.num_targets
+            for r in range(grid)
+            for k in range(grid)
+        )
+        best = max(best, left)
+    return best
+
+
 def _check_masks_feasible(cfg: Config) -> None:
     """Refuse mask settings no draw can satisfy: even with the largest context square and the
     smallest target block pushed into the opposite corner, fewer than ``min_context`` tokens
@@ -473,6 +550,15 @@ def _check_masks_feasible(cfg: Config) -> None:
             f"(at most {best} context tokens survive the target blocks): lower "
             "masking.min_context or masking.target_scale, or raise masking.context_scale"
         )
+    left = expected_context(cfg)
+    if left < mk.min_context:
+        raise ConfigError(
+            f"masks leave fewer than min_context={mk.min_context} context tokens on a "
+            f"{grid}x{grid} token grid on average (about {left:.1f} survive "
+            f"masking.num_targets={mk.num_targets} blocks of masking.target_scale="
+            f"{mk.target_scale}): lower masking.num_targets or masking.target_scale, or raise "
+            "masking.context_scale"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -482,6 +568,10 @@ def validate(cfg: Config) -> None:
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
     _check_numbers(cfg)  # first: later checks divide by these
+    if not cfg.run.dir.strip():
+        raise ConfigError(
+            "run.dir is empty: name the folder the run writes to, e.g. run.dir=runs/mine"
+        )
     m, t, d = cfg.model, cfg.train, cfg.data
     if d.image_size % m.patch_size:
         raise ConfigError(
@@ -515,8 +605,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size must be a positive multiple of train.accum_steps")
     if t.epochs < 1 and t.max_steps < 1:
         raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
-    if min(t.max_steps, t.stop_after, t.log_every - 1, t.knn_every) < 0:
-        raise ConfigError("step counts (max_steps, stop_after, knn_every, log_every) must be >= 0")
     if not 0.0 <= t.ema_start <= t.ema_end <= 1.0:
         raise ConfigError("need 0 <= train.ema_start <= train.ema_end <= 1")
     if not 0.0 <= m.drop_path < 1.0:
