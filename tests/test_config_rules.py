@@ -80,3 +80,14 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsy
     assert main(["train", "train.max_steps=[1,"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "override 'train.max_steps=[1,'" in err
+
+
+def test_a_stored_config_with_a_cleared_run_dir_still_loads():
+    # an exported card clears run.dir; rebuilding its model must not need one
+    from hjepa.config import from_dict
+
+    tree = load_config("quickstart").to_dict()
+    tree["run"]["dir"] = ""
+    assert from_dict(tree).run.dir == ""
+    with pytest.raises(ConfigError, match="run.dir is empty"):  # but no run starts from it
+        load_config("quickstart", ["run.dir="])

@@ -399,10 +399,15 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
+    """A stored config (a checkpoint's, a run's config.yaml, an exported card's), validated.
+
+    An exported card clears ``run.dir`` (no local paths in a shared file): a stored config
+    rebuilds a model and starts no run, so it is the one place an empty ``run.dir`` is read.
+    """
     cfg = Config()
     for key, value in _flatten(tree).items():
         _set(cfg, key, value)
-    validate(cfg)
+    validate(cfg, stored=True)
     return cfg
 
 
@@ -561,14 +566,15 @@ def _check_masks_feasible(cfg: Config) -> None:
         )
 
 
-def validate(cfg: Config) -> None:
-    """Refuse contradictory or impossible settings before any compute is spent."""
+def validate(cfg: Config, *, stored: bool = False) -> None:
+    """Refuse contradictory or impossible settings before any compute is spent (``stored``:
+    a config read back by :func:`from_dict`, which may hold a cleared ``run.dir``)."""
     for key, options in CHOICES.items():
         value = get_value(cfg, key)
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
     _check_numbers(cfg)  # first: later checks divide by these
-    if not cfg.run.dir.strip():
+    if not stored and not cfg.run.dir.strip():
         raise ConfigError(
             "run.dir is empty: name the folder the run writes to, e.g. run.dir=runs/mine"
         )
