@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -27,6 +28,18 @@ TINY = [
     "run.tensorboard=false",
     "eval.batch_size=64",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _baseline_cache_dir(tmp_path_factory):
+    """hjepa eval's baseline cache goes to a temporary folder, never the user's ~/.cache."""
+    before = os.environ.get("HJEPA_CACHE_DIR")
+    os.environ["HJEPA_CACHE_DIR"] = str(tmp_path_factory.mktemp("hjepa-cache"))
+    yield
+    if before is None:
+        del os.environ["HJEPA_CACHE_DIR"]
+    else:
+        os.environ["HJEPA_CACHE_DIR"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -178,6 +178,10 @@ class EvalConfig:
     robustness: bool = True  # corrupted test set (8 corruptions x 5 severities), mCE vs pixels
     robustness_limit: int = 2000  # test images corrupted (0: the whole test set)
     transfer: list[str] = field(default_factory=list)  # 'digits' | 'image_folder:PATH'
+    # Baselines (pixels, random init) are reused from a cache keyed by data, architecture,
+    # seed and protocol; cache_dir "" is $HJEPA_CACHE_DIR or ~/.cache/hjepa.
+    cache: bool = True
+    cache_dir: str = ""
 
 
 @dataclass

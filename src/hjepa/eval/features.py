@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -41,13 +41,14 @@ def encoder_features(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per level ``l`` the mean over cells of the level's target representation.
 
     Returns ``({"level0": [N, D], ..., "concat": [N, levels*D]}, labels [N])``. Level ``l`` is
     exactly what the predictor is trained to predict at that level (2D-pooled, non-affine
     layer-normed tokens), averaged over the image. Features stay on ``device`` (the probes run
-    there); labels are on the CPU.
+    there); labels are on the CPU. ``on_batch(images)`` is called after each batch (progress).
     """
     encoder.eval()
     per_level: list[list[Tensor]] = [[] for _ in range(levels)]
@@ -58,6 +59,8 @@ def encoder_features(
         for lvl, feats in enumerate(level_features(tokens, encoder.grid_size, levels)):
             per_level[lvl].append(feats.mean(dim=1).float())
         all_labels.append(labels)
+        if on_batch is not None:
+            on_batch(images.shape[0])
     out = {f"level{lvl}": torch.cat(chunks) for lvl, chunks in enumerate(per_level)}
     if levels > 1:
         out["concat"] = torch.cat([out[f"level{lvl}"] for lvl in range(levels)], dim=1)

@@ -22,7 +22,7 @@ from zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,12 @@ class _Standardizer:
         self.mean = x.mean(dim=0)
         # Constant dims would divide by zero; they carry no signal, so any scale works.
         self.std = x.std(dim=0, correction=0).clamp_min(1e-6)
+
+    @classmethod
+    def from_stats(cls, mean: Tensor, std: Tensor) -> _Standardizer:
+        scaler = cls.__new__(cls)
+        scaler.mean, scaler.std = mean, std
+        return scaler
 
     def __call__(self, feats: Tensor) -> Tensor:
         return (feats.to(self.mean.dtype) - self.mean) / self.std
@@ -126,6 +132,7 @@ def linear_probe(
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     max_iter: int = DEFAULT_MAX_ITER,
     val_fraction: float = 0.1,
+    on_fit: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Linear-probe accuracy of frozen features.
 
@@ -138,6 +145,7 @@ def linear_probe(
             ties going to the larger :math:`\\lambda` (the smoother classifier).
         max_iter: L-BFGS iterations per fit.
         val_fraction: share of the training set held out for the weight-decay choice.
+        on_fit: called after each L-BFGS fit (a progress hook).
 
     Returns:
         ``{"accuracy": test accuracy of the refit classifier, "weight_decay": chosen
@@ -168,6 +176,7 @@ def linear_probe(
         weight_decays=weight_decays,
         max_iter=max_iter,
         val_fraction=val_fraction,
+        on_fit=on_fit,
     )
     return {
         "accuracy": classifier.accuracy(test_feats, test_labels),
@@ -188,6 +197,31 @@ class LinearClassifier:
     bias: Tensor  # [C]
     weight_decay: float
     val_accuracy: float
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors that :meth:`from_state` rebuilds the classifier from (a cache entry)."""
+        return {
+            "mean": self.scaler.mean,
+            "std": self.scaler.std,
+            "weight": self.weight,
+            "bias": self.bias,
+            "weight_decay": torch.tensor(self.weight_decay, dtype=torch.float64),
+            "val_accuracy": torch.tensor(self.val_accuracy, dtype=torch.float64),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], device: torch.device | str) -> LinearClassifier:
+        def on(name: str) -> Tensor:
+            return state[name].to(device)
+
+        scaler = _Standardizer.from_stats(on("mean"), on("std"))
+        return cls(
+            scaler,
+            on("weight"),
+            on("bias"),
+            float(state["weight_decay"]),
+            float(state["val_accuracy"]),
+        )
 
     def predict(self, feats: Tensor) -> Tensor:
         feats = feats.to(self.weight.device)  # fit on a GPU, scored anywhere
@@ -212,10 +246,13 @@ def fit_linear_classifier(
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     max_iter: int = DEFAULT_MAX_ITER,
     val_fraction: float = 0.1,
+    on_fit: Callable[[], None] | None = None,
 ) -> LinearClassifier:
     """The linear probe's fit: weight decay chosen on a seeded held-out split along a
     regularisation path (largest first, each fit warm-started from the previous), then a refit
-    on all training data with the chosen one."""
+    on all training data with the chosen one. ``on_fit`` is called after each of the
+    ``len(weight_decays) + 1`` fits."""
+    on_fit = on_fit or (lambda: None)
     _check_split(train_feats, train_labels, num_classes, "train")
     n = train_feats.shape[0]
     n_val = max(1, round(val_fraction * n))
@@ -233,12 +270,14 @@ def fit_linear_classifier(
     for wd in sorted(weight_decays, reverse=True):
         params = _fit(fit_x, train_labels[fit_idx], num_classes, wd, max_iter, init=params)
         val_acc = _accuracy(val_x, train_labels[val_idx], *params)
+        on_fit()
         if val_acc > best_val:  # descending grid: ">" keeps the larger lambda on ties
             best_wd, best_val, best_params = float(wd), val_acc, params
     scaler = _Standardizer(train_feats)
     weight, bias = _fit(
         scaler(train_feats), train_labels, num_classes, best_wd, max_iter, init=best_params
     )
+    on_fit()
     return LinearClassifier(scaler, weight, bias, best_wd, best_val)
 
 
@@ -284,6 +323,7 @@ def low_shot_linear_probe(
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     max_iter: int = DEFAULT_MAX_ITER,
     val_fraction: float = 0.1,
+    on_fit: Callable[[], None] | None = None,
 ) -> dict[float, dict[str, float | list[float]]]:
     """Linear probe on class-balanced fractions of the training labels.
 
@@ -312,6 +352,7 @@ def low_shot_linear_probe(
                 weight_decays=weight_decays,
                 max_iter=max_iter,
                 val_fraction=val_fraction,
+                on_fit=on_fit,
             )
             per_seed.append(probe["accuracy"])
         accs = torch.tensor(per_seed, dtype=torch.float64)

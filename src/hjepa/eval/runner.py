@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,34 @@ import yaml
 from torch import Tensor
 from torch.utils.data import Dataset
 
+import hjepa
 from hjepa import checkpoint as ckpt
 from hjepa.config import Config, ConfigError, from_dict, parse_override
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.subsets import fixed_subset
 from hjepa.device import pick_device
-from hjepa.eval import robust_eval
+from hjepa.eval import progress, robust_eval
+from hjepa.eval.cache import (
+    EVAL_KEYS,
+    PROTOCOL_VERSION,
+    BaselineCache,
+    baseline_key,
+    dataset_digest,
+    state_digest,
+)
+from hjepa.eval.cache import default_dir as default_cache_dir
 from hjepa.eval.collapse import collapse_report
 from hjepa.eval.features import encoder_features, pixel_features
 from hjepa.eval.knn import knn_accuracy
-from hjepa.eval.linear import LinearClassifier, fit_linear_classifier, low_shot_linear_probe
+from hjepa.eval.linear import (
+    DEFAULT_MAX_ITER,
+    DEFAULT_WEIGHT_DECAYS,
+    LinearClassifier,
+    fit_linear_classifier,
+    low_shot_linear_probe,
+)
+from hjepa.eval.progress import EvalProgress
 from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
@@ -72,7 +89,11 @@ def best_features(levels: int) -> str:
 
 
 def probe(
-    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int, cfg: Config
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    num_classes: int,
+    cfg: Config,
+    on_fit: Callable[[], None] | None = None,
 ) -> tuple[dict[str, float], LinearClassifier | None]:
     """kNN accuracy, and (``eval.linear``) linear-probe accuracy with its fitted classifier."""
     (xtr, ytr), (xte, yte) = train, test
@@ -84,13 +105,15 @@ def probe(
     }
     classifier = None
     if cfg.eval.linear:
-        classifier = fit_linear_classifier(xtr, ytr, num_classes, seed=cfg.train.seed)
+        classifier = fit_linear_classifier(
+            xtr, ytr, num_classes, seed=cfg.train.seed, on_fit=on_fit
+        )
         out["linear"] = classifier.accuracy(xte, yte)
     return out, classifier
 
 
 class _Evaluator:
-    """Datasets, normalisation and feature extraction of one run."""
+    """Datasets, normalisation and feature extraction of one run, and the progress bar."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -101,6 +124,12 @@ class _Evaluator:
         self.channels = int(getattr(train_set, "channels", d.channels))
         self.num_classes = int(getattr(train_set, "num_classes", 0))
         self.mean, self.std = channel_stats(d.name, self.channels)
+        self.progress: EvalProgress | None = None
+        self.flops_per_image = 0.0
+
+    def _advance(self, work: float) -> None:
+        if self.progress is not None:
+            self.progress.advance(work)
 
     def encoder(self, encoder: VisionTransformer, dataset: Dataset) -> Features:
         feats, labels = encoder_features(
@@ -113,6 +142,7 @@ class _Evaluator:
             batch_size=self.cfg.eval.batch_size,
             device=self.device,
             num_workers=self.cfg.train.num_workers,
+            on_batch=lambda n: self._advance(n * self.flops_per_image),
         )
         # The probes run where the encoder does: L-BFGS and kNN over 60k images take
         # minutes on a CPU and seconds on a GPU.
@@ -124,27 +154,111 @@ class _Evaluator:
         )
         return feats.to(self.device), labels.to(self.device)
 
+    def _fit_work(self, n: int, dim: int, num_classes: int) -> float:
+        return progress.linear_flops(n, dim, num_classes, 1, DEFAULT_MAX_ITER)
+
+    def probe(
+        self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int
+    ) -> tuple[dict[str, float], LinearClassifier | None]:
+        """:func:`probe`, advancing the progress bar by its estimated work."""
+        n, dim = train[0].shape
+        fit_work = self._fit_work(n, dim, num_classes)
+        out, classifier = probe(
+            train, test, num_classes, self.cfg, on_fit=lambda: self._advance(fit_work)
+        )
+        self._advance(progress.knn_flops(n, test[0].shape[0], dim))
+        return out, classifier
+
     def probe_all(
         self, train: Features, test: Features, num_classes: int
     ) -> tuple[dict[str, dict[str, float]], dict[str, LinearClassifier]]:
         (tr, ytr), (te, yte) = train, test
         accs, classifiers = {}, {}
         for name in tr:
-            accs[name], clf = probe((tr[name], ytr), (te[name], yte), num_classes, self.cfg)
+            accs[name], clf = self.probe((tr[name], ytr), (te[name], yte), num_classes)
             if clf is not None:
                 classifiers[name] = clf
         return accs, classifiers
 
+    def low_shot(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]):
+        """Low-shot linear probes of one feature set, keyed by the fraction as text."""
+        e, (xtr, _) = self.cfg.eval, train
+        # The probe fits len(decays) + 1 times per (fraction, seed), fractions outermost.
+        fits = len(DEFAULT_WEIGHT_DECAYS) + 1
+        work = iter(
+            self._fit_work(round(f * xtr.shape[0]), xtr.shape[1], self.num_classes)
+            for f in e.low_shot_fractions
+            for _ in range(len(e.low_shot_seeds) * fits)
+        )
+        table = low_shot_linear_probe(
+            *train,
+            *test,
+            self.num_classes,
+            fractions=e.low_shot_fractions,
+            seeds=e.low_shot_seeds,
+            on_fit=lambda: self._advance(next(work, 0.0)),
+        )
+        return {f"{fraction:g}": stats for fraction, stats in table.items()}
 
-def _low_shot(cfg: Config, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], n: int):
-    table = low_shot_linear_probe(
-        *train,
-        *test,
-        n,
-        fractions=cfg.eval.low_shot_fractions,
-        seeds=cfg.eval.low_shot_seeds,
-    )
-    return {f"{fraction:g}": stats for fraction, stats in table.items()}
+    def planned_work(self, encoder: VisionTransformer, baselines: bool) -> float:
+        """Estimated FLOPs of the feature passes and probes ahead (steers the bar only)."""
+        cfg, e = self.cfg, self.cfg.eval
+        self.flops_per_image = progress.encoder_flops(encoder, encoder.grid_size**2)
+        n_tr, n_te, classes = len(self.train_set), len(self.test_set), self.num_classes
+        dim, levels = int(encoder.embed_dim), cfg.model.levels
+        feature_dims = [dim] * levels + ([dim * levels] if levels > 1 else [])
+        pixel_dim = self.channels * cfg.data.image_size**2
+        fits = len(DEFAULT_WEIGHT_DECAYS) + 1
+
+        def probes(dims: list[int]) -> float:
+            linear = [
+                progress.linear_flops(n_tr, d, classes, fits, DEFAULT_MAX_ITER) if e.linear else 0
+                for d in dims
+            ]
+            return sum(progress.knn_flops(n_tr, n_te, d) for d in dims) + sum(linear)
+
+        def low_shot(d: int) -> float:
+            if not e.low_shot:
+                return 0.0
+            return sum(
+                progress.linear_flops(round(f * n_tr), d, classes, fits, DEFAULT_MAX_ITER)
+                for f in e.low_shot_fractions
+                for _ in e.low_shot_seeds
+            )
+
+        encoder_pass = (n_tr + n_te) * self.flops_per_image
+        work = encoder_pass + probes(feature_dims) + low_shot(feature_dims[-1])
+        if baselines:
+            work += encoder_pass + probes(feature_dims) + probes([pixel_dim]) + low_shot(pixel_dim)
+        if e.robustness:
+            corrupted = len(robust_eval.CORRUPTIONS) * len(robust_eval.SEVERITIES) + 1
+            work += corrupted * (e.robustness_limit or n_te) * self.flops_per_image
+        return work
+
+
+def _baseline_cache(
+    cfg: Config, ev: _Evaluator, random_state: dict[str, Tensor], device: torch.device
+) -> BaselineCache | None:
+    """The cache entry of this run's baselines, or None with ``eval.cache=false``."""
+    e, d = cfg.eval, cfg.data
+    if not e.cache:
+        return None
+    fields = {
+        "protocol": PROTOCOL_VERSION,
+        "hjepa": hjepa.__version__,
+        "torch": torch.__version__,
+        "device": device.type,
+        "data": {"name": d.name, "image_size": d.image_size, "channels": ev.channels},
+        "train_images": dataset_digest(ev.train_set),
+        "test_images": dataset_digest(ev.test_set),
+        "encoder_init": state_digest(random_state),
+        "levels": cfg.model.levels,
+        "attention": cfg.model.attention,
+        "seed": cfg.train.seed,
+        "eval": {k: getattr(e, k) for k in EVAL_KEYS},
+    }
+    directory = Path(e.cache_dir).expanduser() if e.cache_dir else default_cache_dir()
+    return BaselineCache(directory, baseline_key(fields), fields)
 
 
 def evaluate_run(
@@ -152,11 +266,15 @@ def evaluate_run(
     *,
     baselines: bool | None = None,
     overrides: Sequence[str] = (),
+    progress_bar: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``RUN_DIR/checkpoints/last.pt``; write and return ``RUN_DIR/eval.json``.
 
     ``overrides`` are ``eval.*`` ``key=value`` strings on top of the run's config;
-    ``baselines`` overrides ``eval.baselines`` when given.
+    ``baselines`` overrides ``eval.baselines`` when given. The baselines come from the cache
+    of :mod:`hjepa.eval.cache` when an earlier evaluation computed them (``eval.cache``); the
+    entry used is recorded as ``baseline_cache``. ``progress_bar`` (default ``run.progress``)
+    shows one bar with an ETA on stderr.
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
@@ -184,18 +302,40 @@ def evaluate_run(
     results: dict[str, Any] = {"run_dir": str(run_dir), "step": int(state["step"]), "eval": {}}
     results["eval"] = {k: v for k, v in vars(e).items()}
 
+    # The baselines' numbers (and the pixel classifier robustness scores) from an earlier
+    # evaluation of the same data, architecture, seed and protocol.
+    cache = _baseline_cache(cfg, ev, random_state, device) if e.baselines or e.robustness else None
+    cached = cache.load() if cache is not None and e.baselines else None
+    if cache is not None:
+        results["baseline_cache"] = {
+            "key": cache.key,
+            "dir": str(cache.dir),
+            "hit": cached is not None,
+            "fields": cache.fields,
+        }
+    fresh = e.baselines and cached is None  # baselines computed (and cached) by this call
+    show = cfg.run.progress if progress_bar is None else progress_bar
+    ev.progress = bar = EvalProgress(ev.planned_work(encoder, fresh), show)
+
     # Raw pixels: a baseline of the probes and the reference of mCE.
     pixel_clf = None
-    if e.baselines or e.robustness:
+    if e.robustness and cache is not None:
+        saved = cache.load_tensors("pixel_classifier")
+        pixel_clf = LinearClassifier.from_state(saved, device) if saved else None
+    if fresh or (e.robustness and pixel_clf is None):
+        bar.stage("pixels")
         ptr, pte = ev.pixels(ev.train_set), ev.pixels(ev.test_set)
-        if e.baselines:
+        if fresh:
             accs, clfs = ev.probe_all(
                 ({"pixels": ptr[0]}, ptr[1]), ({"pixels": pte[0]}, pte[1]), ev.num_classes
             )
             results["pixels"] = accs
-            pixel_clf = clfs.get("pixels")
+            pixel_clf = pixel_clf or clfs.get("pixels")
         lap("pixels")
+    elif cached is not None:
+        results["pixels"] = cached["pixels"]
 
+    bar.stage("trained encoder")
     train_feats, test_feats = ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set)
     results["trained"], classifiers = ev.probe_all(train_feats, test_feats, ev.num_classes)
     results["collapse"] = {
@@ -204,21 +344,25 @@ def evaluate_run(
     lap("trained")
 
     if e.low_shot:
+        bar.stage("low-shot")
         train_best = (train_feats[0][best], train_feats[1])
         test_best = (test_feats[0][best], test_feats[1])
-        results["low_shot"] = {
-            "features": best,
-            "trained": _low_shot(cfg, train_best, test_best, ev.num_classes),
-        }
-        if e.baselines:
-            results["low_shot"]["pixels"] = _low_shot(cfg, ptr, pte, ev.num_classes)
+        results["low_shot"] = {"features": best, "trained": ev.low_shot(train_best, test_best)}
+        if fresh:
+            results["low_shot"]["pixels"] = ev.low_shot(ptr, pte)
+        elif cached is not None:
+            results["low_shot"]["pixels"] = cached["low_shot_pixels"]
         lap("low_shot")
 
     if e.robustness:
+        bar.stage("robustness")
         clf = classifiers.get(best) or fit_linear_classifier(
             train_feats[0][best], train_feats[1], ev.num_classes, seed=cfg.train.seed
         )
-        pixel_clf = pixel_clf or fit_linear_classifier(*ptr, ev.num_classes, seed=cfg.train.seed)
+        if pixel_clf is None:
+            pixel_clf = fit_linear_classifier(*ptr, ev.num_classes, seed=cfg.train.seed)
+        if cache is not None:
+            cache.store_tensors("pixel_classifier", pixel_clf.state())
         clean = robust_eval.materialize(ev.test_set, e.robustness_limit)
         clean_acc, table = robust_eval.accuracy_table(
             {
@@ -237,6 +381,8 @@ def evaluate_run(
 
     transfer_sets = {}
     for spec in e.transfer:
+        name = transfer_name(spec)
+        bar.stage(f"transfer {name}")
         tr_set, te_set = transfer_datasets(
             spec, image_size=cfg.data.image_size, channels=ev.channels
         )
@@ -246,16 +392,19 @@ def evaluate_run(
         entry["trained"] = ev.probe_all(
             ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
         )[0]
-        if e.baselines:
+        if fresh:
             entry["pixels"] = ev.probe_all(
                 *(({"pixels": f}, y) for f, y in (ev.pixels(tr_set), ev.pixels(te_set))),
                 num_classes,
             )[0]
-        results.setdefault("transfer", {})[transfer_name(spec)] = entry
+        elif cached is not None:
+            entry["pixels"] = cached["transfer"][name]["pixels"]
+        results.setdefault("transfer", {})[name] = entry
     if e.transfer:
         lap("transfer")
 
-    if e.baselines:
+    if fresh:
+        bar.stage("random-init encoder")
         encoder.load_state_dict(random_state)
         results["random_init"] = ev.probe_all(
             ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set), ev.num_classes
@@ -265,10 +414,30 @@ def evaluate_run(
                 ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
             )[0]
         lap("random_init")
+        if cache is not None:
+            cache.store(_baseline_results(results))
+    elif cached is not None:
+        results["random_init"] = cached["random_init"]
+        for name, entry in results.get("transfer", {}).items():
+            entry["random_init"] = cached["transfer"][name]["random_init"]
 
+    bar.close()
     results["seconds"] = seconds
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _baseline_results(results: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``results`` the baseline cache holds."""
+    return {
+        "pixels": results["pixels"],
+        "random_init": results["random_init"],
+        "low_shot_pixels": results.get("low_shot", {}).get("pixels"),
+        "transfer": {
+            name: {"pixels": entry["pixels"], "random_init": entry["random_init"]}
+            for name, entry in results.get("transfer", {}).items()
+        },
+    }
 
 
 def _acc(value: float | None) -> str:

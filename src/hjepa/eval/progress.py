@@ -1,0 +1,58 @@
+"""The progress bar of ``hjepa eval``: one bar over the whole evaluation, with an ETA.
+
+The parts of an evaluation differ in cost by orders of magnitude (a feature pass over 60k
+images against a kNN vote over a few thousand), so the bar counts estimated floating-point
+work, not tasks: its percentage and ETA then track wall time well wherever the arithmetic runs
+at a similar rate. Estimates only steer the bar; no number of the evaluation depends on them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def encoder_flops(encoder: nn.Module, tokens: int) -> float:
+    """Forward FLOPs of one image: 2 per weight and token, plus attention's ``QK^T`` and ``AV``."""
+    weights = sum(p.numel() for p in encoder.parameters() if p.dim() > 1)
+    depth = len(getattr(encoder, "blocks", [])) or 1
+    dim = int(getattr(encoder, "embed_dim", 0) or 0)
+    return 2.0 * weights * tokens + 4.0 * depth * tokens * tokens * dim
+
+
+def knn_flops(n_train: int, n_test: int, dim: int) -> float:
+    return 2.0 * n_train * n_test * dim
+
+
+def linear_flops(n: int, dim: int, classes: int, fits: int, max_iter: int) -> float:
+    """L-BFGS fits at their iteration cap: forward + backward, about 1.5 loss evaluations each."""
+    return fits * max_iter * 1.5 * 6.0 * n * dim * classes
+
+
+class EvalProgress:
+    """A tqdm bar on stderr over ``total`` work units; ``stage`` names what runs now."""
+
+    def __init__(self, total: float, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.total = max(float(total), 1.0)
+        self._bar = tqdm(
+            total=self.total,
+            disable=not enabled,
+            desc="eval",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+            dynamic_ncols=True,
+        )
+        self._done = 0.0
+
+    def stage(self, text: str) -> None:
+        self._bar.set_description_str(f"eval: {text}", refresh=True)
+
+    def advance(self, work: float) -> None:
+        work = min(float(work), self.total - self._done)  # estimates may overshoot
+        if work > 0:
+            self._done += work
+            self._bar.update(work)
+
+    def close(self) -> None:
+        self.advance(self.total - self._done)
+        self._bar.close()
