@@ -1,0 +1,104 @@
+"""The quickstart's clock: training time, evaluation time and their ratio, in one run.
+
+Usage::
+
+    python benchmarks/quickstart_clock.py [--threads 2] [--steps 12] [--ijepa PATH]
+
+1. Training: the quickstart preset's ``Trainer.fit`` is timed over a short and a long
+   ``train.stop_after`` call; their difference per step, times the preset's total steps, plus
+   the online kNN probe times the number of probes the preset runs, is the projected training
+   time of the whole quickstart (``hjepa train`` as the README runs it).
+2. Evaluation: ``hjepa eval`` on the checkpoint just written, first with an empty baseline
+   cache (what the very first evaluation of this data, architecture and seed pays), then
+   with the cache it filled (every later one). An evaluation's cost does not depend on how
+   long the encoder trained.
+3. With ``--ijepa``, the official I-JEPA model step on the race's ViT (``race_ijepa.py``),
+   measured in the same run, so a README line can quote both with the same day's img/s.
+
+Prints JSON; wall times are printed for context, the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12, help="extra steps of the long fit")
+    parser.add_argument("--ijepa", type=Path, default=None, help="official checkout (optional)")
+    parser.add_argument("overrides", nargs="*", help="key=value on top of the quickstart preset")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from hjepa.config import load_config
+    from hjepa.eval.runner import evaluate_run
+    from hjepa.train.monitor import OnlineProbe
+    from hjepa.train.trainer import Trainer
+
+    report: dict = {"threads": args.threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cfg = load_config("quickstart", [*args.overrides, f"run.dir={run}", "run.progress=false"])
+        knn_every = cfg.train.knn_every
+        cfg.train.knn_every = 0  # probes are timed apart and added per probe the preset runs
+        trainer = Trainer(cfg)
+
+        def fit(steps: int) -> float:
+            trainer.cfg.train.stop_after = steps
+            return _timed(trainer.fit)
+
+        fit(2)  # warm-up
+        short, long = fit(2), fit(2 + args.steps)
+        step_s = (long - short) / args.steps
+        probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
+        probe(trainer.model.target_encoder)
+        probe_s = _timed(lambda: probe(trainer.model.target_encoder))
+        total = trainer.total_steps
+        # The preset probes every knn_every steps and after the last one.
+        probes = total // knn_every + (total % knn_every != 0) if knn_every else 1
+        train_s = total * step_s + probes * probe_s
+        report["train"] = {
+            "steps": total,
+            "step_s": step_s,
+            "images_per_s": cfg.train.batch_size / step_s,
+            "probe_s": probe_s,
+            "probes": probes,
+            "projected_s": train_s,
+        }
+        cache = [f"eval.cache_dir={Path(tmp) / 'cache'}"]
+        cold = _timed(lambda: evaluate_run(run, overrides=cache, progress_bar=False))
+        warm = _timed(lambda: evaluate_run(run, overrides=cache, progress_bar=False))
+        seconds = json.loads((run / "eval.json").read_text())["seconds"]
+        report["eval"] = {"cold_s": cold, "warm_s": warm, "warm_parts_s": seconds}
+        report["eval_over_train"] = {"cold": cold / train_s, "warm": warm / train_s}
+    if args.ijepa is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from race_ijepa import BATCH, Official, Ours, official_inputs
+
+        official, drawer = Official(args.ijepa), Ours("ijepa", "repeat")
+        times = []
+        for _ in range(5):
+            inputs = official_inputs(*drawer.draw())
+            times.append(_timed(lambda inputs=inputs: official.model_step(inputs)))
+        report["official_step_images_per_s"] = BATCH / sorted(times)[len(times) // 2]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
