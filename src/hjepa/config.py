@@ -111,6 +111,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     patch_size: int = 4
+    # patch: one linear projection per patch (ViT) | conv: stride-2 3x3 conv stack, same grid
+    stem: str = "patch"
     embed_dim: int = 192
     depth: int = 6
     num_heads: int = 3
@@ -153,6 +155,8 @@ class LossConfig:
     regularize_on: str = "context"  # what SIGReg sees: context | predictor | pooled
     sigreg_weight: float = 0.05
     sigreg_slices: int = 1024
+    # SIGReg on each view's pooled embedding (global context + multi-crop local crops; LeJEPA)
+    view_sigreg: float = 0.0
     vicreg_weight: float = 0.1  # x (var_w * var + cov_w * cov + inv_w * inv), two views
     vicreg_var_weight: float = 25.0
     vicreg_cov_weight: float = 1.0
@@ -211,6 +215,7 @@ CHOICES = {
     "model.predictor_mode": ("repeat", "shared"),
     "model.attention": ("auto", "math", "efficient", "flash", "cudnn"),
     "model.pos_embed": ("sincos", "rope"),
+    "model.stem": ("patch", "conv"),
     "model.fpn": ("none", "add", "concat"),
     "model.target": ("ema", "shared"),
     "loss.distance": ("mse", "smooth_l1"),
@@ -461,6 +466,7 @@ MINIMUM = {
     "masking.min_context": 1,
     "loss.sigreg_weight": 0.0,
     "loss.sigreg_slices": 1,
+    "loss.view_sigreg": 0.0,
     "loss.vicreg_weight": 0.0,
     "loss.vicreg_var_weight": 0.0,
     "loss.vicreg_cov_weight": 0.0,
@@ -667,6 +673,11 @@ def _validate_regularizers(cfg: Config) -> None:
             "loss.regularize_on=pooled with model.levels=1 is loss.regularize_on=context "
             "(no coarser level to pool to): use context or model.levels >= 2"
         )
+    if loss.view_sigreg > 0 and cfg.data.multicrop.num_local < 1:
+        raise ConfigError(
+            "loss.view_sigreg acts on the pooled embeddings of multi-crop views: set "
+            "data.multicrop.num_local >= 1 (or loss.view_sigreg=0)"
+        )
     if "sigreg" in terms and loss.sigreg_weight <= 0:
         raise ConfigError("loss.sigreg_weight must be > 0 with SIGReg on (or drop sigreg)")
     if "vicreg" in terms:
@@ -711,6 +722,12 @@ def _validate_encoder_options(cfg: Config) -> None:
                     f"model.pos_embed=rope needs head widths divisible by 4, but model.{name}"
                     f" = {dim}/{heads}: change the width or the number of heads"
                 )
+    p = m.patch_size
+    if m.stem == "conv" and (p < 2 or p & (p - 1)):
+        raise ConfigError(
+            f"model.stem=conv needs a power-of-2 model.patch_size >= 2 (one stride-2 conv per "
+            f"halving), got {p}: use patch_size 2, 4, 8 or 16, or model.stem=patch"
+        )
     if m.layer_scale < 0:
         raise ConfigError("model.layer_scale is an initial gain >= 0 (0: off), e.g. 1e-4 or 0.1")
     if m.fpn != "none" and m.levels < 2:

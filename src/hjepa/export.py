@@ -25,7 +25,7 @@ from hjepa import checkpoint as ckpt
 from hjepa.config import ConfigError, from_dict
 from hjepa.data.normalize import channel_stats
 from hjepa.models.hjepa import build_encoder
-from hjepa.models.vit import VisionTransformer
+from hjepa.models.vit import VisionTransformer, input_channels
 
 FORMAT = "hjepa.encoder"
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     weights = Path(out) if out else run_dir / "encoder.safetensors"
     if weights.suffix != ".safetensors":
         raise ValueError(f"--out {weights} must end in .safetensors")
-    channels = int(state["target_encoder"]["patch_embed.weight"].shape[1])
+    channels = input_channels(state["target_encoder"])
     # Contiguous copies: safetensors refuses views and tensors that share memory.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["target_encoder"].items()}
     ckpt.atomic_write(

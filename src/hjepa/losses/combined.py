@@ -6,9 +6,10 @@ r"""The training objective built from the config: prediction loss + regularisers
         + \lambda_V \big(\mu\, v(e) + \nu\, c(e) + \lambda\, s(e^{(1)}, e^{(2)})\big)
         + \lambda_C\, \mathrm{NTXent}(h^{(1)}, h^{(2)})
         + \lambda_M\, \mathcal{L}_{\mathrm{multicrop}}
+        + \lambda_{VS}\, \tfrac{1}{V+1} \textstyle\sum_v \mathrm{SIGReg}(\bar e_v)
 
 Each term is present only when its option is on (``loss.regularizer``, ``loss.contrastive``,
-``data.multicrop.num_local``). What SIGReg sees, :math:`z`, is chosen by
+``data.multicrop.num_local``, ``loss.view_sigreg``). What SIGReg sees, :math:`z`, is chosen by
 ``loss.regularize_on``:
 
 * ``context``: the context encoder's tokens, ``[B * Nc, D]``;
@@ -21,6 +22,12 @@ VICReg and C-JEPA compare two augmented views of the same images: :math:`e^{(v)}
 context mask), :math:`v, c` are the mean over the two views of VICReg's variance and covariance
 terms, :math:`s` is the invariance MSE between them, and :math:`h^{(v)}` is :math:`e^{(v)}`
 through the projection head.
+
+``loss.view_sigreg`` (LeJEPA's view-level SIGReg, with multi-crop): :math:`\bar e_0 \in
+\mathbb{R}^{B \times D}` is the mean of the global view's context tokens and :math:`\bar e_v`
+that of local crop ``v``: SIGReg on each view's batch of image embeddings pushes the pooled
+features (what the probes read) towards an isotropic Gaussian, while the multi-crop term makes
+the crops agree with the global image (LeJEPA's invariance, with our EMA target).
 
 :meth:`Objective.forward` returns the total and every *unweighted* term by name (the names the
 trainer logs); :attr:`Objective.weights` holds each term's coefficient in the total.
@@ -81,6 +88,7 @@ class Objective(nn.Module):
         contrastive: NT-Xent between the projected pooled embeddings of the two views.
         contrastive_weight, contrastive_temperature: :math:`\\lambda_C` and :math:`\\tau`.
         multicrop_weight: :math:`\\lambda_M`, or None without multi-crop.
+        view_sigreg_weight: :math:`\\lambda_{VS}` (0: off; needs multi-crop).
     """
 
     def __init__(
@@ -101,6 +109,7 @@ class Objective(nn.Module):
         contrastive_weight: float = 0.1,
         contrastive_temperature: float = 0.1,
         multicrop_weight: float | None = None,
+        view_sigreg_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if regularizer not in REGULARIZERS:
@@ -125,6 +134,11 @@ class Objective(nn.Module):
         self.contrastive_weight = contrastive_weight
         self.contrastive_temperature = contrastive_temperature
         self.multicrop_weight = multicrop_weight
+        if view_sigreg_weight and multicrop_weight is None:
+            raise ValueError("view_sigreg_weight needs multi-crop views (multicrop_weight)")
+        self.view_sigreg_weight = view_sigreg_weight
+        # Its own directions' seed: the same step must not reuse the token SIGReg's slices.
+        self.view_sigreg = SIGReg(sigreg_slices, seed=1) if view_sigreg_weight else None
 
     @classmethod
     def from_config(cls, cfg: Config, multicrop: bool = False) -> Objective:
@@ -147,6 +161,7 @@ class Objective(nn.Module):
             contrastive_weight=loss.contrastive_weight,
             contrastive_temperature=loss.contrastive_temperature,
             multicrop_weight=cfg.data.multicrop.weight if multicrop else None,
+            view_sigreg_weight=loss.view_sigreg,
         )
 
     @property
@@ -168,6 +183,8 @@ class Objective(nn.Module):
             out["contrastive"] = self.contrastive_weight
         if self.multicrop_weight is not None:
             out["multicrop"] = self.multicrop_weight
+        if self.view_sigreg is not None:
+            out["view_sigreg"] = self.view_sigreg_weight
         return out
 
     @property
@@ -222,6 +239,16 @@ class Objective(nn.Module):
                 raise ValueError("the multi-crop term needs local views: call the model with views")
             terms["multicrop"] = out.view_loss
             total = total + self.multicrop_weight * out.view_loss
+        if self.view_sigreg is not None:
+            if out.pooled_local is None:
+                raise ValueError("loss.view_sigreg needs the local crops' pooled embeddings")
+            local = out.pooled_local.float()
+            views = [
+                out.context.mean(dim=1).float(),
+                *local.chunk(local.shape[0] // out.context.shape[0]),
+            ]
+            terms["view_sigreg"] = sum(self.view_sigreg(z, step=step) for z in views) / len(views)
+            total = total + self.view_sigreg_weight * terms["view_sigreg"]
         return total, terms
 
 

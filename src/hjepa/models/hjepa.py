@@ -41,6 +41,8 @@ class JEPAOutput:
     # under the same context mask, and their contrastive projections [B, P] (projector on).
     pooled_views: tuple[Tensor, Tensor] | None = None
     projected_views: tuple[Tensor, Tensor] | None = None
+    # Multi-crop: each local crop's token mean [V*B, D] (view-major), before the projector
+    pooled_local: Tensor | None = None
 
 
 @dataclass
@@ -105,6 +107,7 @@ def build_encoder(cfg: ModelConfig, image_size: int, in_channels: int) -> Vision
         pos_embed=cfg.pos_embed,
         layer_scale=cfg.layer_scale,
         grad_checkpointing=cfg.grad_checkpointing,
+        stem=cfg.stem,
     )
 
 
@@ -210,7 +213,9 @@ class HJEPA(nn.Module):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.context_encoder, self.predictor, self.heads, *self.optional_modules().values()]
 
-    def view_prediction_loss(self, views: Tensor, pooled_target: Tensor) -> Tensor:
+    def view_prediction_loss(
+        self, views: Tensor, pooled_target: Tensor, pooled_views: Tensor | None = None
+    ) -> Tensor:
         """Multi-crop term (LeJEPA's view prediction) for ``V`` local crops per image.
 
         ``views [V*B, C, h, w]`` (view-major: rows ``v*B .. v*B+B-1`` are view ``v``) go through
@@ -223,10 +228,13 @@ class HJEPA(nn.Module):
         1.0 means "no better than the batch mean" (an R²-style scale). Pooled embeddings share
         a large common component, so the raw MSE is ~1e-3 per channel and would leave the term
         without effect; per-channel scaling would blow up near-constant channels instead.
+        ``pooled_views``: the crops' token means, when the caller has already encoded them.
         """
         if self.view_projector is None:
             raise RuntimeError("build HJEPA(..., multicrop=True) to use view_prediction_loss")
-        pooled = self.view_projector(self.context_encoder(views).mean(dim=1)).float()
+        if pooled_views is None:
+            pooled_views = self.context_encoder(views).mean(dim=1)
+        pooled = self.view_projector(pooled_views).float()
         target = pooled_target.detach().float()
         total_var = target.var(dim=0, unbiased=False).sum() + 1e-6
         target = target.repeat(views.shape[0] // target.shape[0], 1)
@@ -287,7 +295,10 @@ class HJEPA(nn.Module):
             predictions.append(pred)
             targets.append(target)
         pooled = targets_full[0].mean(dim=1)
-        view_loss = None if views is None else self.view_prediction_loss(views, pooled)
+        view_loss = pooled_local = None
+        if views is not None:
+            pooled_local = self.context_encoder(views).mean(dim=1)
+            view_loss = self.view_prediction_loss(views, pooled, pooled_local)
         pooled_views = projected = None
         if second is not None:
             # The second view keeps the first view's context positions: both embeddings are
@@ -306,4 +317,5 @@ class HJEPA(nn.Module):
             context_index=idx.context,
             pooled_views=pooled_views,
             projected_views=projected,
+            pooled_local=pooled_local,
         )

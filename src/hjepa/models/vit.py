@@ -26,6 +26,7 @@ from hjepa.models.rope import apply_rope, grid_positions, rope_tables
 
 ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
 POS_EMBEDS = ("sincos", "rope")
+STEMS = ("patch", "conv")
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
 
@@ -271,6 +272,37 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
         block.mlp[2].weight.data.div_(math.sqrt(2.0 * i))
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al., 2021) in place of the one-shot patch projection:
+    ``log2(patch_size)`` 3x3 convolutions of stride 2, each followed by GELU, widths doubling up
+    to ``embed_dim``, then a 1x1 projection to ``embed_dim``. Same token grid as a patch
+    embedding of ``patch_size``, but each token sees a 3x3-conv receptive field that overlaps
+    its neighbours' by a few pixels, and the pixels-to-token map is non-linear.
+    """
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"a conv stem needs a power-of-2 patch size >= 2, got {patch_size}")
+        n = patch_size.bit_length() - 1  # stride-2 convolutions
+        widths = [max(embed_dim >> (n - 1 - i), 8) for i in range(n)]
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.GELU()]
+            in_channels = width
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(in_channels, embed_dim, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(self.convs(images))
+
+
+def input_channels(encoder_state: dict[str, Tensor]) -> int:
+    """Image channels an encoder state dict was built for (patch or conv stem)."""
+    key = "patch_embed.weight" if "patch_embed.weight" in encoder_state else "stem.convs.0.weight"
+    return int(encoder_state[key].shape[1])
+
+
 def check_pos_embed(pos_embed: str, dim: int, num_heads: int) -> None:
     if pos_embed not in POS_EMBEDS:
         raise ValueError(f"pos_embed {pos_embed!r} is not one of {POS_EMBEDS}")
@@ -295,16 +327,22 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "sincos",
         layer_scale: float = 0.0,
         grad_checkpointing: bool = False,
+        stem: str = "patch",
     ):
         super().__init__()
         check_pos_embed(pos_embed, embed_dim, num_heads)
+        if stem not in STEMS:
+            raise ValueError(f"stem {stem!r} is not one of {STEMS}")
         self.patch_size = patch_size
         self.grid_size = grid_side(image_size, patch_size)
         self.embed_dim = embed_dim
         self.head_dim = embed_dim // num_heads
         self.rope = pos_embed == "rope"
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        if stem == "conv":
+            self.stem = ConvStem(in_channels, embed_dim, patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         table = None if self.rope else sincos_2d(embed_dim, self.grid_size)
         self.register_buffer("pos_embed", table, persistent=False)
         rates = torch.linspace(0, drop_path, depth).tolist()
@@ -314,8 +352,14 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_weights(self)
         rescale_residual_branches(self.blocks)
-        w = self.patch_embed.weight
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02, a=-0.04, b=0.04)
+        if stem == "patch":
+            w = self.patch_embed.weight
+            nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02, a=-0.04, b=0.04)
+        else:  # He init: the GELU stack keeps its activation scale from layer to layer
+            for conv in self.stem.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                    nn.init.zeros_(conv.bias)
 
     def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """``images [B, C, H, W]`` -> tokens ``[B, N, D]``, or ``[B, K, D]`` for ``keep [B, K]``.
@@ -324,7 +368,7 @@ class VisionTransformer(nn.Module):
         resolution): RoPE positions are the grid indices of that image's own grid; sin-cos
         positions are spread over the built grid's range (see :func:`sincos_2d`).
         """
-        x = self.patch_embed(images)
+        x = self.stem(images) if hasattr(self, "stem") else self.patch_embed(images)
         grid = x.shape[-1]
         if x.shape[-2] != grid:
             raise ValueError(f"images must be square, got {tuple(images.shape[-2:])}")

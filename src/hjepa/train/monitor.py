@@ -6,6 +6,10 @@ and a fixed held-out test subset are compared with a kNN, and per level the embe
 effective rank, collapse verdict and SIGReg statistic of the test features are logged (the
 statistic whether or not SIGReg is in the loss). :func:`collapse_warning` turns a collapsed
 verdict into the warning line the trainer prints.
+
+With ``linear=True`` (the time-to-accuracy benchmark, not the trainer) a linear probe is also fit
+on the same bank features and scored on the same queries, and :meth:`OnlineProbe.pixels` gives
+both probes on raw pixels, so curves and their baselines share one protocol.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from hjepa.config import Config
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.subsets import fixed_subset
 from hjepa.eval.collapse import collapse_report
-from hjepa.eval.features import encoder_features
+from hjepa.eval.features import encoder_features, pixel_features
 from hjepa.eval.knn import knn_accuracy
+from hjepa.eval.linear import linear_probe
 from hjepa.losses.sigreg import SIGReg
 from hjepa.models.vit import VisionTransformer
 
@@ -47,9 +52,16 @@ def collapse_warning(step: int, probe: dict) -> str | None:
     )
 
 
+#: L-BFGS iterations of the online linear probe: a few seconds on a 5 000-image bank.
+ONLINE_LINEAR_MAX_ITER = 100
+
+
 class OnlineProbe:
-    def __init__(self, cfg: Config, channels: int, mean: Tensor, std: Tensor, device):
+    def __init__(
+        self, cfg: Config, channels: int, mean: Tensor, std: Tensor, device, linear: bool = False
+    ):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
+        self.linear = linear
         self._sets: tuple[Dataset, Dataset, int] | None = None
         # Rank 0 alone probes: a statistic of its features, no collective with other ranks.
         self.sigreg = SIGReg(PROBE_SIGREG_SLICES, distributed=False)
@@ -91,6 +103,10 @@ class OnlineProbe:
                 k=self.cfg.eval.knn_k,
                 temperature=self.cfg.eval.knn_temperature,
             )
+            if self.linear:
+                out[f"linear_{name}"] = self._linear(
+                    bank_feats[name], bank_labels, feats, query_labels
+                )
             if name != "concat":
                 report = collapse_report(feats)
                 out[f"std_{name}"] = report["normalized_embedding_std"]
@@ -99,4 +115,35 @@ class OnlineProbe:
                 # What SIGReg would say of these features: about 1 for N(0, I), large when
                 # collapsed (it grows with the number of images).
                 out[f"sigreg_{name}"] = float(self.sigreg(feats.float(), step=0))
+        return out
+
+    def _linear(self, bank: Tensor, bank_labels: Tensor, query: Tensor, labels: Tensor) -> float:
+        num_classes = self._datasets()[2]
+        fit = linear_probe(
+            bank, bank_labels, query, labels, num_classes, max_iter=ONLINE_LINEAR_MAX_ITER
+        )
+        return fit["accuracy"]
+
+    @torch.no_grad()
+    def pixels(self) -> dict[str, float]:
+        """kNN (and, with ``linear``, the linear probe) of raw normalised pixels on the same
+        bank and queries: the baseline every curve of this probe is drawn against."""
+        bank, query, num_classes = self._datasets()
+        kw = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size)
+        bank_feats, bank_labels = pixel_features(bank, **kw)
+        query_feats, query_labels = pixel_features(query, **kw)
+        e = self.cfg.eval
+        out = {
+            "knn": knn_accuracy(
+                bank_feats,
+                bank_labels,
+                query_feats,
+                query_labels,
+                num_classes,
+                k=e.knn_k,
+                temperature=e.knn_temperature,
+            )
+        }
+        if self.linear:
+            out["linear"] = self._linear(bank_feats, bank_labels, query_feats, query_labels)
         return out
