@@ -63,15 +63,25 @@ def _probe_record(probe: OnlineProbe, trainer: Trainer, train_s: float) -> dict:
     }
 
 
-def run_curve(preset: str, out: Path, every: int, overrides: list[str], until: int = 0) -> Path:
+def run_curve(
+    preset: str,
+    out: Path,
+    every: int,
+    overrides: list[str],
+    until: int = 0,
+    linear: tuple[str, ...] = ("concat",),
+) -> Path:
     """Train ``preset`` in ``out/run``, probing every ``every`` steps, up to step ``until``
-    (0: the end of the run; rerun to continue); returns the curve file."""
+    (0: the end of the run; rerun to continue); ``linear``: the features that also get a
+    linear probe (``concat`` means level 0 on a flat model). Returns the curve file."""
     out.mkdir(parents=True, exist_ok=True)
     curve = out / CURVE
     cfg = load_config(preset, [*overrides, f"run.dir={out / 'run'}", "train.knn_every=0"])
     done = read_curve(curve)
     trainer = Trainer(cfg)  # holds the seed's random initialisation until the first fit()
-    probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device, True)
+    if cfg.model.levels == 1:
+        linear = tuple(dict.fromkeys("level0" if n == "concat" else n for n in linear))
+    probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device, linear)
     if not any(r["kind"] == "pixels" for r in done):
         _append(curve, {"kind": "pixels", **probe.pixels()})
     probes = [r for r in done if r["kind"] == "probe"]
@@ -111,6 +121,8 @@ def plot_curves(curves: list[str], labels: list[str], out: str | Path, feature: 
         init, trained = probes[0], probes[1:]
         colour = colours[i % len(colours)]
         for row, metric in enumerate(("knn", "linear")):
+            if f"{metric}_{key}" not in init:  # no linear probe of this feature (--linear)
+                continue
             for col, (x_key, scale) in enumerate((("images_seen", 1e3), ("train_s", 60.0))):
                 ax = axes[row][col]
                 xs = [r[x_key] / scale for r in trained]
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", nargs="+", metavar="CURVE", help="plot these curve.jsonl files")
     parser.add_argument("--labels", nargs="+", help="one label per --plot curve")
     parser.add_argument("--feature", default="concat", help="level0, level1, ... or concat")
+    parser.add_argument(
+        "--linear", nargs="+", default=["concat"], help="features that get a linear probe"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     if args.plot:
@@ -147,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.every < 1:
         parser.error("--every must be >= 1")
-    curve = run_curve(args.config, Path(args.out), args.every, args.overrides, args.until)
+    curve = run_curve(
+        args.config, Path(args.out), args.every, args.overrides, args.until, tuple(args.linear)
+    )
     plot_curves([str(curve)], [Path(args.out).name], Path(args.out) / "curve.png", args.feature)
     print(curve)
     return 0

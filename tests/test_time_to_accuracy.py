@@ -47,13 +47,14 @@ def test_curve_probes_every_stretch_against_its_baselines(tmp_path):
     # The probes are the trainer's online probe, plus the linear probe, of the same encoders.
     cfg = load_config(None, [*OVERRIDES, f"run.dir={tmp_path / 'ref'}"])
     ref = Trainer(cfg)
-    probe = OnlineProbe(cfg, ref.channels, ref.mean, ref.std, "cpu", linear=True)
+    probe = OnlineProbe(cfg, ref.channels, ref.mean, ref.std, "cpu", linear=("concat",))
     at_init = probe(ref.model.target_encoder)
     assert at_init["knn_concat"] == probes[0]["knn_concat"]
-    assert at_init["linear_level0"] == probes[0]["linear_level0"]
+    assert at_init["linear_concat"] == probes[0]["linear_concat"]
+    assert "linear_level0" not in probes[0] and "linear_level1" not in at_init  # --linear concat
     ref.fit()  # the uninterrupted 4-step run ends at the curve's last point
     at_end = probe(ref.model.target_encoder)
-    for key in ("knn_level0", "knn_concat", "linear_level0", "linear_concat", "rank_level0"):
+    for key in ("knn_level0", "knn_concat", "linear_concat", "rank_level0"):
         assert at_end[key] == probes[-1][key], key
     assert records[0] == {"kind": "pixels", **probe.pixels()}
     assert set(records[0]) == {"kind", "knn", "linear"}

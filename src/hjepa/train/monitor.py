@@ -7,12 +7,15 @@ effective rank, collapse verdict and SIGReg statistic of the test features are l
 statistic whether or not SIGReg is in the loss). :func:`collapse_warning` turns a collapsed
 verdict into the warning line the trainer prints.
 
-With ``linear=True`` (the time-to-accuracy benchmark, not the trainer) a linear probe is also fit
-on the same bank features and scored on the same queries, and :meth:`OnlineProbe.pixels` gives
-both probes on raw pixels, so curves and their baselines share one protocol.
+With ``linear`` naming features (``("concat",)``; the time-to-accuracy benchmark, not the
+trainer) a linear probe is also fit on those bank features and scored on the same queries, and
+:meth:`OnlineProbe.pixels` gives both probes on raw pixels, so curves and their baselines share
+one protocol.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -52,16 +55,23 @@ def collapse_warning(step: int, probe: dict) -> str | None:
     )
 
 
-#: L-BFGS iterations of the online linear probe: a few seconds on a 5 000-image bank.
+#: L-BFGS iterations of the online linear probe (5 weight decays + refit on a 5 000-image bank:
+#: 20-30 s per feature set on the shared 2-core CPU, so fit only the features a curve shows).
 ONLINE_LINEAR_MAX_ITER = 100
 
 
 class OnlineProbe:
     def __init__(
-        self, cfg: Config, channels: int, mean: Tensor, std: Tensor, device, linear: bool = False
+        self,
+        cfg: Config,
+        channels: int,
+        mean: Tensor,
+        std: Tensor,
+        device,
+        linear: Sequence[str] = (),
     ):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
-        self.linear = linear
+        self.linear = tuple(linear)  # features that also get a linear probe ("pixels" too)
         self._sets: tuple[Dataset, Dataset, int] | None = None
         # Rank 0 alone probes: a statistic of its features, no collective with other ranks.
         self.sigreg = SIGReg(PROBE_SIGREG_SLICES, distributed=False)
@@ -103,7 +113,7 @@ class OnlineProbe:
                 k=self.cfg.eval.knn_k,
                 temperature=self.cfg.eval.knn_temperature,
             )
-            if self.linear:
+            if name in self.linear:
                 out[f"linear_{name}"] = self._linear(
                     bank_feats[name], bank_labels, feats, query_labels
                 )
@@ -126,8 +136,9 @@ class OnlineProbe:
 
     @torch.no_grad()
     def pixels(self) -> dict[str, float]:
-        """kNN (and, with ``linear``, the linear probe) of raw normalised pixels on the same
-        bank and queries: the baseline every curve of this probe is drawn against."""
+        """kNN (and, when ``linear`` names any feature, the linear probe) of raw normalised
+        pixels on the same bank and queries: the baseline every curve of this probe is drawn
+        against."""
         bank, query, num_classes = self._datasets()
         kw = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size)
         bank_feats, bank_labels = pixel_features(bank, **kw)
