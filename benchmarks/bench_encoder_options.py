@@ -105,12 +105,10 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def _step_fn(trainer: Trainer) -> Callable[[], None]:
-    batches = trainer._batches()
+    batches = trainer.step_batches()
 
     def step() -> None:
-        micro, images = next(batches)
-        trainer._micro_step(images, micro)
-        trainer._optimizer_step()
+        trainer.train_step(next(batches))
 
     return step
 
@@ -225,11 +223,12 @@ def main() -> None:
         print(f"| {key} | {1000 * seconds:.1f} | {seconds / base:.2f} |")
 
     trainer = _trainer(args.device, batch, [], tmp / "aug")
-    images = next(trainer._batches())[1].to(device)
+    images = next(trainer.batches())[1].to(device)
     mean, std = trainer.mean.flatten().tolist(), trainer.std.flatten().tolist()
     gen = torch.Generator().manual_seed(0)
-    x = trainer.augment(images, gen)
-    fns: dict[str, Callable[[], object]] = {"crop_flip": lambda: trainer.augment(images, gen)}
+    crop_flip = trainer.inputs.augment
+    x = crop_flip(images, gen)
+    fns: dict[str, Callable[[], object]] = {"crop_flip": lambda: crop_flip(images, gen)}
     for key, kw in AUGMENTS.items():
         aug = DeiT3Augment(mean=mean, std=std, **kw)
         fns[key] = lambda aug=aug: aug(x, gen)

@@ -128,12 +128,10 @@ def profile_step(step, top: int = 12) -> dict:
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
     trainer = build_trainer(mode, args.batch, args.precision, args.compile, args.overrides)
-    batches = trainer._batches()
+    batches = trainer.step_batches()
 
     def step() -> None:
-        micro, images = next(batches)
-        trainer._micro_step(images, micro)
-        trainer._optimizer_step()
+        trainer.train_step(next(batches))
 
     start = time.perf_counter()
     for _ in range(args.warmup):  # includes compilation when --compile

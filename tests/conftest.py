@@ -48,6 +48,23 @@ def _threads():
 
 
 @pytest.fixture
+def capture_grads():
+    """``capture_grads(module)``: a dict that hooks fill with each trainable parameter's gradient
+    as backward leaves it (``train_step`` then clips it and the optimizer step drops it)."""
+
+    def capture(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        grads: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(
+                    lambda p, name=name: grads.__setitem__(name, p.grad.detach().clone())
+                )
+        return grads
+
+    return capture
+
+
+@pytest.fixture
 def tiny_config(tmp_path):
     def make(*overrides: str):
         return load_config(None, [*TINY, f"run.dir={tmp_path / 'run'}", *overrides])

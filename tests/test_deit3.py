@@ -75,7 +75,7 @@ def test_all_off_is_the_identity_and_the_trainer_skips_it(tiny_config):
     aug = DeiT3Augment(mean=MEAN, std=STD)
     x = _normalise(_pixels())
     assert not aug.enabled and aug(x, _gen()) is x
-    assert Trainer(tiny_config()).extra_augment is None
+    assert Trainer(tiny_config()).inputs.extra_augment is None
 
 
 def test_three_augment_applies_exactly_one_op_per_image():
@@ -183,17 +183,17 @@ def test_trainer_feeds_the_same_augmented_image_to_both_encoders(tiny_config, tm
             f"run.dir={tmp_path / 'b'}",
         )
     )
-    micro, images = next(plain._batches())
-    x0, idx0, _ = plain.prepare_inputs(images, micro)
-    x1, idx1, _ = aug.prepare_inputs(images, micro)
+    micro, images = next(plain.batches())
+    x0, idx0, _ = plain.inputs(images, micro)
+    x1, idx1, _ = aug.inputs(images, micro)
     assert not torch.allclose(x0, x1)
     assert torch.equal(idx0.context, idx1.context)  # masks drawn from their own stream
     seen = {}
     aug.model.target_encoder.register_forward_pre_hook(lambda m, a: seen.setdefault("t", a[0]))
     aug.model.context_encoder.register_forward_pre_hook(lambda m, a: seen.setdefault("c", a[0]))
-    aug.forward_backward(x1, idx1)
+    result = aug.train_step([(micro, images)])
     assert torch.equal(seen["t"], x1) and torch.equal(seen["c"], x1)
-    assert math.isfinite(float(aug._micro_step(images, micro)[0]))
+    assert math.isfinite(float(result.terms[0]))
 
 
 def test_invalid_settings_are_refused():

@@ -104,8 +104,7 @@ def test_trainer_runs_attention_under_the_configured_backend(tiny_config, checkp
     for encoder in (trainer.model.context_encoder, trainer.model.target_encoder):
         encoder.blocks[0].attn.register_forward_pre_hook(record)
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    trainer._micro_step(images, micro)
+    trainer.train_step(next(trainer.step_batches()))
     # Target pass + context pass (+ the recomputation inside backward with checkpointing).
     assert len(seen) == (3 if checkpointing else 2)
     assert all(s == (True, False) for s in seen)
@@ -279,15 +278,16 @@ def test_layer_scale_reaches_every_block_of_encoder_and_predictor():
 # -- gradient checkpointing ------------------------------------------------------------------
 
 
-def _step_grads(trainer: Trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _step_grads(trainer: Trainer, capture_grads) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    loss, _ = trainer._micro_step(images, micro)
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = capture_grads(trainer.model)
+    loss = trainer.train_step(next(trainer.step_batches())).terms[0]
     return loss, grads
 
 
-def test_grad_checkpointing_gives_identical_loss_and_gradients(tiny_config, tmp_path):
+def test_grad_checkpointing_gives_identical_loss_and_gradients(
+    tiny_config, tmp_path, capture_grads
+):
     common = ["model.drop_path=0.2", "model.predictor_depth=2"]  # drop path: RNG is replayed
     plain = Trainer(tiny_config(*common, f"run.dir={tmp_path / 'a'}"))
     ckpt = Trainer(
@@ -295,8 +295,8 @@ def test_grad_checkpointing_gives_identical_loss_and_gradients(tiny_config, tmp_
     )
     calls = []
     ckpt.model.predictor.blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
-    loss_a, grads_a = _step_grads(plain)
-    loss_b, grads_b = _step_grads(ckpt)
+    loss_a, grads_a = _step_grads(plain, capture_grads)
+    loss_b, grads_b = _step_grads(ckpt, capture_grads)
     assert len(calls) == 2  # one predictor pass (constant mode): forward + recomputation
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
@@ -369,12 +369,10 @@ def _legacy_predictor_forward(self, context, context_index, target_index):
 
 def _two_steps(trainer: Trainer) -> dict[str, torch.Tensor]:
     trainer.model.train()
-    batches = trainer._batches()
+    batches = trainer.step_batches()
     out = {}
     for i in range(2):
-        micro, images = next(batches)
-        out[f"loss{i}"] = trainer._micro_step(images, micro)[0]
-        trainer._optimizer_step()
+        out[f"loss{i}"] = trainer.train_step(next(batches)).terms[0]
     out.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
     return out
 

@@ -48,9 +48,9 @@ def test_local_crops_follow_the_global_batch_under_sharding():
 
 def test_num_local_zero_builds_nothing(tiny_config):
     trainer = Trainer(tiny_config())
-    assert trainer.local_crops is None and trainer.model.view_projector is None
-    micro, images = next(trainer._batches())
-    assert trainer.prepare_inputs(images, micro)[2] is None
+    assert trainer.inputs.local_crops is None and trainer.model.view_projector is None
+    micro, images = next(trainer.batches())
+    assert trainer.inputs(images, micro)[2] is None
     assert "view_projector" not in trainer.state_dict()
 
 
@@ -59,8 +59,8 @@ def test_view_prediction_loss_formula_and_gradients(tiny_config):
     model = trainer.model
     model.eval()
     torch.nn.init.normal_(model.view_projector.weight, std=0.2)
-    micro, images = next(trainer._batches())
-    x, index, views = trainer.prepare_inputs(images, micro)
+    micro, images = next(trainer.batches())
+    x, index, views = trainer.inputs(images, micro)
     assert views.shape == (32, 1, 16, 16)
     out = model(x, index, views)
     pooled_target = model.target_levels(x)[0].mean(1)
@@ -81,8 +81,8 @@ def test_view_term_follows_the_models_target_function(tiny_config, monkeypatch):
     """The pooled target comes from ``HJEPA.target_levels`` (what an EMA-free mode swaps)."""
     trainer = Trainer(tiny_config("data.multicrop.num_local=1", "data.multicrop.local_size=8"))
     model = trainer.model.eval()
-    micro, images = next(trainer._batches())
-    x, index, views = trainer.prepare_inputs(images, micro)
+    micro, images = next(trainer.batches())
+    x, index, views = trainer.inputs(images, micro)
     shared = [t.detach() for t in trainer.model.target_levels(x)]
     shared[0] = shared[0] * 0 + 3.0  # every target 3: zero batch variance
     monkeypatch.setattr(model, "target_levels", lambda images: shared)
@@ -104,15 +104,14 @@ def test_multicrop_term_is_weighted_logged_and_decreases(tiny_config, tmp_path):
     )
     trainer = Trainer(cfg)
     trainer.model.train()
-    micro, images = next(trainer._batches())
+    batch = next(trainer.step_batches())
     terms, losses = [], []
     for _ in range(10):  # a fixed batch (same crops and masks every step)
-        loss, parts = trainer._micro_step(images, micro)
+        loss, *parts = trainer.train_step(batch).terms
         terms.append(parts[-1].item())
         losses.append(loss.item())
         levels = sum(w * p for w, p in zip(trainer.weights, parts[:-1]))
         assert loss.item() == pytest.approx(levels.item() + 2.0 * parts[-1].item(), rel=1e-5)
-        trainer._optimizer_step()
     assert all(torch.isfinite(torch.tensor(terms)))
     assert terms[-1] < 0.75 * terms[0]  # measured: 0.138 -> 0.085 in 10 steps
     assert losses[-1] < losses[0]

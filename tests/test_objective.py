@@ -38,11 +38,11 @@ ALL_ON = [
 
 def _output(trainer, micro_index: int = 0):
     """One micro-batch through the model with both views, and the inputs used."""
-    batches = trainer._batches()
+    batches = trainer.batches()
     for _ in range(micro_index + 1):
         micro, images = next(batches)
-    x, index, views = trainer.prepare_inputs(images, micro)
-    second = trainer.second_view(images, micro)
+    x, index, views = trainer.inputs(images, micro)
+    second = trainer.inputs.second_view(images, micro)
     return trainer.model(x, index, views, second), (x, index, second)
 
 
@@ -107,8 +107,7 @@ def test_the_trainer_loss_is_the_objective_of_the_model_output(tiny_config):
     seen = {}
     trainer.model.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    loss, terms = trainer._micro_step(images, micro)
+    loss, *terms = trainer.train_step(next(trainer.step_batches())).terms
     out, (x, second) = seen["out"], (seen["args"][0], seen["args"][3])
     assert second.shape == x.shape and not torch.equal(second, x)  # the model got view two
     sig = SIGReg(64)(out.context.flatten(0, 1), step=0)
@@ -116,7 +115,7 @@ def test_the_trainer_loss_is_the_objective_of_the_model_output(tiny_config):
     pred, _ = prediction_loss(out.predictions, out.targets, [1.0, 0.7, 0.5])
     expected = pred + 0.3 * sig + 0.2 * vic + 0.7 * nt_xent(*out.projected_views, 0.3)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
-    assert trainer._term_names(len(terms) + 1)[1:] == trainer.objective.term_names
+    assert trainer.term_names(len(terms) + 1)[1:] == trainer.objective.term_names
     assert len(terms) == 8
 
 
@@ -142,8 +141,8 @@ def _pooled_by_hand(context, index, grid, levels):
 def test_regularize_on_regularises_the_claimed_tensors(tiny_config):
     trainer = Trainer(tiny_config("model.levels=3"))
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    x, index, views = trainer.prepare_inputs(images, micro)
+    micro, images = next(trainer.batches())
+    x, index, views = trainer.inputs(images, micro)
     out = trainer.model(x, index)
     sigreg, step = SIGReg(32), 3
     grid = trainer.model.grid_size
@@ -185,8 +184,8 @@ def test_context_cells_match_the_hand_pooling():
 def test_sigreg_gradient_reaches_only_what_it_regularises(tiny_config, where, predictor_grad):
     trainer = Trainer(tiny_config())
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    out = trainer.model(*trainer.prepare_inputs(images, micro)[:2])
+    micro, images = next(trainer.batches())
+    out = trainer.model(*trainer.inputs(images, micro)[:2])
     objective = Objective(
         [0.0, 0.0, 0.0], regularizer="sigreg", regularize_on=where, grid_size=8, sigreg_slices=16
     )
@@ -203,16 +202,16 @@ def test_sigreg_gradient_reaches_only_what_it_regularises(tiny_config, where, pr
 
 def test_second_view_is_another_augmentation_of_the_same_images(tiny_config):
     trainer = Trainer(tiny_config("loss.regularizer=vicreg"))
-    micro, images = next(trainer._batches())
-    first = trainer.prepare_inputs(images, micro)[0]
-    second = trainer.second_view(images, micro)
+    micro, images = next(trainer.batches())
+    first = trainer.inputs(images, micro)[0]
+    second = trainer.inputs.second_view(images, micro)
     assert second.shape == first.shape and not torch.equal(first, second)  # independent crops
-    assert torch.equal(second, trainer.second_view(images, micro))  # seeded by the micro-batch
-    assert not torch.equal(second, trainer.second_view(images, micro + 1))
+    assert torch.equal(second, trainer.inputs.second_view(images, micro))  # seeded by micro
+    assert not torch.equal(second, trainer.inputs.second_view(images, micro + 1))
     # The first view, masks and drop path seeding do not depend on the second view.
     plain = Trainer(tiny_config())
-    x, index, _ = plain.prepare_inputs(images, micro)
-    again = trainer.prepare_inputs(images, micro)[1]
+    x, index, _ = plain.inputs(images, micro)
+    again = trainer.inputs(images, micro)[1]
     assert torch.equal(x, first) and torch.equal(index.context, again.context)
     # Without random crops and flips both views are the very same images, row by row.
     fixed = Trainer(
@@ -224,7 +223,7 @@ def test_second_view_is_another_augmentation_of_the_same_images(tiny_config):
         )  # fmt: skip
     )
     torch.testing.assert_close(
-        fixed.prepare_inputs(images, micro)[0], fixed.second_view(images, micro)
+        fixed.inputs(images, micro)[0], fixed.inputs.second_view(images, micro)
     )
 
 
@@ -246,7 +245,7 @@ def test_two_views_need_two_images_per_micro_batch(tiny_config):
 # -- the contrastive projector: optimised, saved, resumed -------------------------------------
 
 
-def test_contrastive_projector_gets_gradients_and_is_optimised(tiny_config):
+def test_contrastive_projector_gets_gradients_and_is_optimised(tiny_config, capture_grads):
     trainer = Trainer(tiny_config("loss.contrastive=true", "loss.regularizer=none"))
     projector = trainer.model.contrastive_projector
     assert projector in trainer.model.trainable_modules()
@@ -254,10 +253,9 @@ def test_contrastive_projector_gets_gradients_and_is_optimised(tiny_config):
     assert {id(p) for p in projector.parameters()} <= in_optimizer
     before = {k: v.clone() for k, v in projector.state_dict().items()}
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    trainer._micro_step(images, micro)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
-    trainer._optimizer_step()
+    grads = capture_grads(projector)
+    trainer.train_step(next(trainer.step_batches()))
+    assert all(n in grads and grads[n].abs().sum() > 0 for n, _ in projector.named_parameters())
     assert not torch.equal(projector.net[0].weight, before["net.0.weight"])
 
 

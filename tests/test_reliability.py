@@ -342,8 +342,8 @@ def _poison_forward(trainer: Trainer, at_steps: set[int]) -> None:
     """At the given (0-based) steps, make the level-1 predictions NaN."""
     forward = trainer.model.forward
 
-    def poisoned(images, masks):
-        out = forward(images, masks)
+    def poisoned(images, masks, *views):
+        out = forward(images, masks, *views)
         if trainer.step in at_steps:
             out.predictions[1] = out.predictions[1] * float("nan")
         return out
@@ -406,25 +406,27 @@ def test_nan_gradient_with_a_finite_loss_stops(tiny_config, tmp_path):
     assert torch.isfinite(_last(tmp_path / "run")["context_encoder"]["patch_embed.weight"]).all()
 
 
-def test_skip_mode_skips_update_and_ema_counts_and_continues(tiny_config, tmp_path):
+def test_skip_mode_skips_update_and_ema_counts_and_continues(tiny_config, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config("train.max_steps=5", "train.nonfinite=skip"))
     trainer.model.train()
-    batches = trainer._batches()
-    micro, images = next(batches)
-    loss, per_level = trainer._micro_step(images, micro)
+    batches = trainer.step_batches()
+    objective = trainer.objective.forward
+
+    def poisoned(out, step):  # one NaN term, a finite loss and gradient
+        loss, terms = objective(out, step=step)
+        return loss, {**terms, "loss_level1": terms["loss_level1"] * float("nan")}
+
+    monkeypatch.setattr(trainer.objective, "forward", poisoned)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    terms = torch.stack([loss, *per_level])
-    terms[2] = float("nan")
-    trainer._optimizer_step(terms)
+    result = trainer.train_step(next(batches))
     assert trainer.step == 1 and trainer.skipped_steps == 1  # counted, schedules move on
-    assert "loss_level1=nan" in trainer.skip_reason
+    assert "loss_level1=nan" in result.skip_reason
     for key, value in trainer.model.state_dict().items():  # no update, no EMA
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in trainer.params)  # the poisoned gradient is dropped
-    micro, images = next(batches)
-    trainer._micro_step(images, micro)
-    trainer._optimizer_step()  # a finite step goes through again
-    assert trainer.step == 2 and trainer.skipped_steps == 1 and trainer.skip_reason is None
+    monkeypatch.undo()
+    result = trainer.train_step(next(batches))  # a finite step goes through again
+    assert trainer.step == 2 and trainer.skipped_steps == 1 and result.skip_reason is None
     after = trainer.model.state_dict()
     for part in ("context_encoder", "target_encoder"):
         assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part))

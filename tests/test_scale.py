@@ -161,10 +161,10 @@ def test_predictor_linear_flops_match_the_token_counts(tiny_config, mode):
 
     trainer = Trainer(tiny_config(f"model.predictor_mode={mode}", "model.predictor_depth=3"))
     trainer.model.train()
-    micro, images = next(trainer._batches())
-    x, index, *_ = trainer.prepare_inputs(images, micro)
+    micro, images = next(trainer.batches())
+    x, index, *_ = trainer.inputs(images, micro)  # the masks the step draws (same stream)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = trainer.forward_backward(x, index)
+        loss = trainer.train_step([(micro, images)]).terms[0]
     assert torch.isfinite(loss)
     counted = counter.get_flop_counts()["HJEPA.predictor"]
     linear = sum(v for op, v in counted.items() if str(op) in ("aten.addmm", "aten.mm"))
@@ -215,7 +215,7 @@ def test_image_folder_training_decodes_in_workers_and_logs_skipped_images(tiny_c
     logged = read_metrics(cfg.run.dir, "train")
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert logged[-1]["skipped_images"] == 1  # counted
-    batches = trainer._batches()  # the next epoch meets the bad file again
+    batches = trainer.batches()  # the next epoch meets the bad file again
     sizes = [next(batches)[1].shape[0] for _ in range(3)]
     assert sizes == [5, 5, 5] and trainer.loader.skipped == 2  # the short batch was refilled
 

@@ -93,7 +93,7 @@ def test_view_sigreg_is_the_mean_sigreg_of_every_views_pooled_embedding(tiny_con
     )
     trainer = Trainer(cfg)
     images = next(iter(trainer.loader.iter_epoch(0)))[0]
-    x, index, views = trainer.prepare_inputs(images, 0)
+    x, index, views = trainer.inputs(images, 0)
     out = trainer.model(x, index, views)
     b = x.shape[0]
     local = trainer.model.context_encoder(views).mean(dim=1)

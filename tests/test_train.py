@@ -54,9 +54,7 @@ def test_ema_follows_the_weights_of_the_optimizer_step(tiny_config, timing):
     model.train()
     target0 = _snapshot(model.target_encoder)
     context0 = _snapshot(model.context_encoder)
-    micro, images = next(trainer._batches())
-    trainer._micro_step(images, micro)
-    trainer._optimizer_step()
+    trainer.train_step(next(trainer.step_batches()))
     context1 = _snapshot(model.context_encoder)
     source = context1 if timing == "after_step" else context0
     moved = False
@@ -72,11 +70,9 @@ def test_ema_once_per_optimizer_step_under_accumulation(tiny_config):
     )
     trainer.model.train()
     target0 = _snapshot(trainer.model.target_encoder)
-    batches = trainer._batches()
-    for _ in range(2):
-        micro, images = next(batches)
-        trainer._micro_step(images, micro)
-    trainer._optimizer_step()
+    micro_batches = next(trainer.step_batches())
+    assert len(micro_batches) == 2
+    trainer.train_step(micro_batches)
     assert trainer.step == 1
     context1 = _snapshot(trainer.model.context_encoder)
     for name, value in trainer.model.target_encoder.state_dict().items():

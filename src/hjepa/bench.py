@@ -29,16 +29,13 @@ def benchmark_step(cfg: Config, steps: int = 10, warmup: int = 3) -> dict[str, f
     cfg.run.tensorboard = False
     trainer = Trainer(cfg)
     trainer.model.train()
-    batches = trainer._batches()
+    batches = trainer.step_batches()
     encoder = trainer.model.context_encoder
 
     def train_step():
-        for _ in range(cfg.train.accum_steps):
-            micro, images = next(batches)
-            trainer._micro_step(images, micro)
-        trainer._optimizer_step()
+        trainer.train_step(next(batches))
 
-    _, sample = next(trainer._batches())
+    _, sample = next(trainer.batches())
     x = to_input(sample.to(trainer.device), trainer.mean, trainer.std, cfg.data.image_size)
 
     def encoder_step():

@@ -9,6 +9,7 @@ resizes at decode time.
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import Dataset
 
 from hjepa.config import Config
@@ -92,3 +93,27 @@ def dataset_from_config(cfg: Config, split: str) -> Dataset:
         seed=cfg.train.seed,
         class_subset=d.class_subset or None,
     )
+
+
+def check_first_image(dataset: Dataset, name: str, channels: int) -> None:
+    """Refuse a dataset whose images the model cannot take, before any compute is spent."""
+    if len(dataset) == 0:
+        raise ValueError(f"the {name} training set is empty; check data.root")
+    image = dataset[0][0]
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.dtype != torch.uint8
+        or image.dim() != 3
+        or image.shape[0] != channels
+    ):
+        is_tensor = isinstance(image, torch.Tensor)
+        got = f"{image.dtype} {tuple(image.shape)}" if is_tensor else type(image).__name__
+        fix = (
+            f"set data.channels={image.shape[0]}"
+            if is_tensor and image.dim() == 3 and image.dtype == torch.uint8
+            else "make it return uint8 [C, H, W] tensors"
+        )
+        raise ValueError(
+            f"the {name} dataset yields images of {got}, but the model takes uint8 "
+            f"[{channels}, H, W]: {fix}"
+        )

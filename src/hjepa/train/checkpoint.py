@@ -1,0 +1,154 @@
+"""A trainer's state in a checkpoint, and the run directory it trains in.
+
+The file format (atomic writes, plain-weights loading, finding the newest usable file) is
+:mod:`hjepa.checkpoint`, which eval and export read too; this module maps a :class:`Trainer`
+to and from the dict stored there, and prepares ``run.dir`` for a fresh or resumed run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hjepa import checkpoint as ckpt
+from hjepa.config import ConfigError, dump_yaml, from_dict
+from hjepa.train import distributed
+from hjepa.train.logging import truncate_after
+
+if TYPE_CHECKING:
+    from hjepa.train.trainer import Trainer
+
+
+def _arch(cfg_dict: dict) -> dict:
+    """What must match between a run's config and a checkpoint it resumes.
+
+    The stored config goes through the schema first, so keys added to the schema since the
+    checkpoint was written take their defaults instead of counting as a change.
+    """
+    cfg_dict = from_dict(cfg_dict).to_dict()
+    return {
+        "data.name": cfg_dict["data"]["name"],
+        "data.image_size": cfg_dict["data"]["image_size"],
+        "model": cfg_dict["model"],
+    }
+
+
+def state_dict(trainer: Trainer) -> dict:
+    """Everything a resumed run needs to repeat the uninterrupted one exactly."""
+    model = trainer.model
+    return {
+        "context_encoder": model.context_encoder.state_dict(),
+        "target_encoder": model.target_encoder.state_dict(),
+        "predictor": model.predictor.state_dict(),
+        "heads": model.heads.state_dict(),
+        **{k: m.state_dict() for k, m in model.optional_modules().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "step": trainer.step,
+        "total_steps": trainer.total_steps,
+        "nonfinite_skipped": trainer.skipped_steps,
+        "config": trainer.cfg.to_dict(),
+    }
+
+
+def load_state_dict(trainer: Trainer, state: dict) -> None:
+    """Load ``state`` into ``trainer``; :class:`ConfigError` when its architecture differs."""
+    run_dir, model = trainer.run_dir, trainer.model
+    if _arch(state["config"]) != _arch(trainer.cfg.to_dict()):
+        raise ConfigError(
+            f"{run_dir} holds a run with a different architecture; "
+            "use a new run.dir or the same model/data settings"
+        )
+    model.context_encoder.load_state_dict(state["context_encoder"])
+    model.target_encoder.load_state_dict(state["target_encoder"])
+    model.predictor.load_state_dict(state["predictor"])
+    model.heads.load_state_dict(state["heads"])
+    optional = model.optional_modules()
+    if "view_projector" in state and "view_projector" not in optional:
+        raise ConfigError(
+            f"{run_dir} was trained with multi-crop: resume with the same "
+            "data.multicrop.num_local or use a new run.dir"
+        )
+    if "contrastive_projector" in state and "contrastive_projector" not in optional:
+        raise ConfigError(
+            f"{run_dir} was trained with loss.contrastive=true: resume with it or use a new run.dir"
+        )
+    for name, module in optional.items():
+        if name not in state:
+            raise ConfigError(
+                f"{run_dir} was trained without the {name} of this config "
+                "(model.fpn / data.multicrop.num_local / loss.contrastive): use a new run.dir"
+            )
+        module.load_state_dict(state[name])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.skipped_steps = int(state.get("nonfinite_skipped", 0))
+    trainer.step = int(state["step"])
+
+
+def write(trainer: Trainer) -> None:
+    """``checkpoints/last.pt``, and ``step_<step>.pt`` every ``run.keep_every`` steps."""
+    state = state_dict(trainer)
+    directory = ckpt.checkpoint_dir(trainer.run_dir)
+    ckpt.atomic_save(state, directory / ckpt.LAST)
+    keep = trainer.cfg.run.keep_every
+    if keep and trainer.step % keep == 0:
+        ckpt.atomic_save(state, directory / f"step_{trainer.step:08d}.pt")
+
+
+def last_good(run_dir: Path, saved_step: int | None) -> str:
+    """Where the newest complete checkpoint of this run is, for error messages."""
+    if saved_step is None:
+        return "no checkpoint was written by this run yet"
+    last = ckpt.checkpoint_dir(run_dir) / ckpt.LAST
+    return f"the last good checkpoint {last} (step {saved_step}), left untouched"
+
+
+def restore(trainer: Trainer, path: Path) -> None:
+    """Load one checkpoint; :class:`ckpt.CheckpointError` when that file is unusable."""
+    state = ckpt.load_checkpoint(path, map_location=trainer.device)
+    try:
+        from_dict(state["config"])  # the stored config must still be valid
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {path} holds no valid config ({e})") from e
+    try:
+        load_state_dict(trainer, state)
+    except ConfigError:
+        raise  # the user changed the architecture: no older checkpoint would fit either
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} does not fit the model it was saved from ({first[:200]})"
+        ) from e
+
+
+def prepare_run_dir(trainer: Trainer) -> bool:
+    """Write the resolved config; resume from the newest usable checkpoint, if any.
+
+    Returns whether the trainer resumed; its ``step`` and ``saved_step`` then say from where.
+    """
+    run_dir, env = trainer.run_dir, trainer.dist
+    if not env.is_main:  # rank 0 tidies the run dir and resumes first, then the rest
+        distributed.barrier(env)
+        resumed = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p)) is not None
+        trainer.saved_step = trainer.step if resumed else None
+        return resumed
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt.remove_stale_temp(ckpt.checkpoint_dir(run_dir))
+    except OSError as e:
+        raise ckpt.CheckpointWriteError(
+            e.errno, f"cannot write the run directory {run_dir}: {e.strerror or e}"
+        ) from e
+    if stale:
+        print(f"removed {len(stale)} partial checkpoint(s) of a killed run", file=sys.stderr)
+    resumed = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p)) is not None
+    if resumed:
+        trainer.saved_step = trainer.step
+    # Also on a fresh start: drop records of a run killed before its first checkpoint.
+    truncate_after(run_dir, trainer.step)
+    config_text = dump_yaml(trainer.cfg).encode()
+    ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(config_text), "config")
+    distributed.barrier(env)
+    return resumed
