@@ -6,6 +6,11 @@ import torch
 import torch.multiprocessing as mp
 
 from hjepa.config import load_config
+from hjepa.experiments import reproductions
+
+# The ablation's variants (train.ema_timing=before_step, masking.scale_mode=gentle|geometric)
+# are selectable in every test, as they are from the hjepa command.
+reproductions.install()
 
 TINY = [
     "data.name=synthetic",

@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in ("train", "ablate", "viz", "bench"):  # they train or draw masks
+            from hjepa.experiments import reproductions
+
+            reproductions.install()  # the ablation's variants, selectable by config value
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)

@@ -8,19 +8,15 @@ of :meth:`MultiBlockMaskSampler.sample` draws, for a batch of ``B`` images:
   ``h = round(sqrt(s N a))``, ``w = round(sqrt(s N / a))``, clamped to ``[1, G]``. Each block's
   top-left corner is uniform over all ``(G - h + 1) x (G - w + 1)`` valid positions, so the last
   row and column are reachable.
-* **Footprints per level.** ``scale_mode`` picks the level-0 blocks level ``l`` is built from:
-  ``constant`` (default) reuses the level-0 targets, so every level covers the same 15-20 % of
-  the image; ``gentle`` draws its own blocks with the scale range shifted by ``0, .03, .05, .07``
-  (``+.02`` per further level); ``geometric`` (the reviewed bug, kept for the ablation) draws
-  blocks of scale ``target_scale * 2**l`` clipped to 1.
+* **Footprints per level.** Every level is built from the level-0 target blocks
+  (``scale_mode="constant"``), so every level covers the same 15-20 % of the image. A
+  :class:`FootprintRule` registered under another ``scale_mode`` name instead draws each
+  level's blocks of its own scale range (the ablation's variants:
+  :mod:`hjepa.experiments.reproductions`).
 * **Context.** One square (``a = 1``) of scale ``~ U(context_scale)`` at a random position, minus
-  every footprint token of every level (``constant``, ``gentle``). ``geometric`` removes only the
-  level-0 targets: the reviewed code gave each level its own context, so its coarse targets (60-80
-  % of the image at level 2) overlapped what the encoder saw and their prediction was nearly a
-  copy; with one shared context that is what removing only the level-0 blocks reproduces (and
-  removing all of them would leave no context). A sample left with fewer than ``min_context``
-  tokens is redrawn (bounded retries); then each sample keeps a random subset of
-  ``K = min_b |C_b|`` tokens, so counts are equal and gathering is a reshape.
+  every footprint token of every level (a rule may hide only the level-0 ones). A sample left
+  with fewer than ``min_context`` tokens is redrawn (bounded retries); then each sample keeps a
+  random subset of ``K = min_b |C_b|`` tokens, so counts are equal and gathering is a reshape.
 * **Level targets.** The level-``l`` grid is level 0 average-pooled by ``s = 2**l`` with
   ceiling, ``G_l = ceil(G / s)``: cell ``i`` covers rows ``[i s, min((i + 1) s, G))``, so an
   edge cell of a grid ``s`` does not divide is smaller, and every token is in one cell. A cell is
@@ -36,6 +32,7 @@ levels and (rare) retries only, never over samples or blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +41,26 @@ from torch import Tensor
 from hjepa.config import Config
 from hjepa.grid import grid_side, level_grid, max_levels
 
-SCALE_MODES = ("constant", "gentle", "geometric")
-_GENTLE_SHIFT = (0.0, 0.03, 0.05, 0.07)
 _MAX_RETRIES = 20
+
+
+@dataclass(frozen=True)
+class FootprintRule:
+    """Per-level target footprints drawn from blocks of their own, instead of the level-0
+    targets every level reuses by default.
+
+    Attributes:
+        scale: ``(target_scale, level) -> (lo, hi)``, the scale range of level ``level``'s blocks.
+        hide_all: remove every level's footprint from the context (else only level 0's).
+    """
+
+    scale: Callable[[tuple[float, float], int], tuple[float, float]]
+    hide_all: bool
+
+
+#: ``scale_mode`` values other than ``constant``, by name (registered from the top of the
+#: package: :func:`hjepa.experiments.reproductions.install`).
+FOOTPRINT_RULES: dict[str, FootprintRule] = {}
 
 
 def _cell_spans(grid_size: int, level: int) -> tuple[Tensor, Tensor]:
@@ -168,9 +182,12 @@ class MultiBlockMaskSampler:
                 f"use at most {max_levels(grid_size)} levels (the last one is 1x1), or a larger "
                 "image / smaller patch size"
             )
-        if scale_mode not in SCALE_MODES:
+        if scale_mode != "constant" and scale_mode not in FOOTPRINT_RULES:
+            known = ("constant", *FOOTPRINT_RULES)
             raise ValueError(
-                f"masking.scale_mode={scale_mode!r} is unknown: use one of {SCALE_MODES}"
+                f"masking.scale_mode={scale_mode!r} is unknown: use one of {known} (the "
+                "ablation's gentle and geometric are registered by "
+                "hjepa.experiments.reproductions.install(), which the hjepa command calls)"
             )
         if num_targets < 1:
             raise ValueError(f"num_targets={num_targets} is invalid: use at least 1 target block")
@@ -186,16 +203,13 @@ class MultiBlockMaskSampler:
             scale_mode,
             min_context,
         )
+        self.rule = FOOTPRINT_RULES.get(scale_mode)  # None: every level reuses level 0's blocks
 
     def footprint_scale(self, level: int) -> tuple[float, float]:
-        """Scale range of the blocks level ``level`` draws (non-constant modes)."""
-        lo, hi = self.target_scale
-        if self.scale_mode == "geometric":
-            shift_lo, shift_hi, factor = 0.0, 0.0, 2.0**level
-        else:
-            shift = _GENTLE_SHIFT[level] if level < 4 else 0.07 + 0.02 * (level - 3)
-            shift_lo, shift_hi, factor = shift, shift, 1.0
-        return min(lo * factor + shift_lo, 1.0), min(hi * factor + shift_hi, 1.0)
+        """Scale range of the blocks level ``level`` draws (under a footprint rule)."""
+        if self.rule is None:
+            return self.target_scale
+        return self.rule.scale(self.target_scale, level)
 
     def _block_size(self, scale, aspect, generator: torch.Generator) -> tuple[int, int]:
         u_scale, u_aspect = torch.rand(2, generator=generator).tolist()
@@ -218,15 +232,14 @@ class MultiBlockMaskSampler:
     def _draw(self, batch: int, sizes, side: int, generator: torch.Generator):
         footprints = [self._blocks(batch, self.num_targets, hw, generator) for hw in sizes]
         block = self._blocks(batch, 1, (side, side), generator)[:, 0]
-        # geometric (the reviewed bug): only level-0 targets are hidden from the context.
-        hidden = footprints[:1] if self.scale_mode == "geometric" else footprints
+        hidden = footprints if self.rule is None or self.rule.hide_all else footprints[:1]
         covered = torch.stack(hidden, 1).any(2).any(1)
         return footprints, block, block & ~covered
 
     def sample(self, batch_size: int, generator: torch.Generator) -> MaskBatch:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: use at least 1")
-        draws = 1 if self.scale_mode == "constant" else self.levels
+        draws = 1 if self.rule is None else self.levels
         scales = [self.target_scale] + [self.footprint_scale(lv) for lv in range(1, draws)]
         sizes = [self._block_size(sc, self.target_aspect, generator) for sc in scales]
         side = self._block_size(self.context_scale, (1.0, 1.0), generator)[0]

@@ -11,7 +11,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     r"""In place, for every parameter pair: :math:`\xi \leftarrow m\,\xi + (1 - m)\,\theta`.
 
     Called once per optimizer step, *after* ``optimizer.step()``, so the target follows the
-    weights the step just produced (the earlier code did it before the step).
+    weights the step just produced.
     """
     t_params = list(target.parameters())
     o_params = [p.detach() for p in online.parameters()]

@@ -15,7 +15,7 @@ import gc
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hjepa.config import Config, level_weights
+from hjepa.config import Config, ConfigError, level_weights
 from hjepa.data.datasets import check_first_image, dataset_from_config
 from hjepa.data.loader import EpochLoader
 from hjepa.data.normalize import channel_stats
@@ -41,6 +41,12 @@ from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, linear, warmup_cosine
 
 GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
+
+
+#: ``train.ema_timing`` values other than ``after_step``: each sets a new trainer up to take its
+#: EMA differently (registered from the top of the package:
+#: :func:`hjepa.experiments.reproductions.install`).
+EMA_TIMINGS: dict[str, Callable[[Trainer], None]] = {}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,9 +123,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.trainable_modules(), cfg.optim)
         self.max_grad_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.ema_after_step = not self.shared_target and t.ema_timing == "after_step"
-        if not self.shared_target and t.ema_timing == "before_step":
-            self.optimizer.register_step_pre_hook(self._ema_before_step)
+        self.ema_after_step = not self.shared_target  # step 5 of train_step
+        if t.ema_timing != "after_step" and not self.shared_target:
+            if t.ema_timing not in EMA_TIMINGS:
+                raise ConfigError(
+                    f"train.ema_timing={t.ema_timing!r} is unknown: use after_step (the "
+                    "ablation's before_step is registered by "
+                    "hjepa.experiments.reproductions.install(), which the hjepa command calls)"
+                )
+            EMA_TIMINGS[t.ema_timing](self)
         self.weights = level_weights(cfg)
         # Prediction loss + regularisers + contrast, every term logged (losses/combined.py).
         self.objective = Objective.from_config(cfg, multicrop=multicrop)
@@ -130,11 +142,6 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite=skip)
         self.saved_step: int | None = None  # step of the newest complete checkpoint on disk
-
-    def _ema_before_step(self, *_) -> None:
-        ema_update(
-            self.model.target_encoder, self.model.context_encoder, self.momentum_at(self.step)
-        )
 
     # -- schedules -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
