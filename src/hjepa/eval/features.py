@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from hjepa.config import Config
 from hjepa.data.normalize import to_input
 from hjepa.data.tensors import ImageTensors
 from hjepa.models.hjepa import level_features
@@ -65,6 +66,32 @@ def encoder_features(
     if levels > 1:
         out["concat"] = torch.cat([out[f"level{lvl}"] for lvl in range(levels)], dim=1)
     return out, torch.cat(all_labels)
+
+
+def run_features(
+    encoder: VisionTransformer,
+    dataset: Dataset,
+    cfg: Config,
+    mean: Tensor,
+    std: Tensor,
+    device: torch.device | str,
+    num_workers: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`encoder_features` as a run's config sets it up (levels, image size, the eval batch
+    size): one setting for the evaluation and the online probe alike."""
+    return encoder_features(
+        encoder,
+        dataset,
+        levels=cfg.model.levels,
+        mean=mean,
+        std=std,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        num_workers=num_workers,
+        on_batch=on_batch,
+    )
 
 
 def pixel_features(

@@ -48,7 +48,7 @@ from hjepa.eval.cache import (
 )
 from hjepa.eval.cache import default_dir as default_cache_dir
 from hjepa.eval.collapse import collapse_report
-from hjepa.eval.features import encoder_features, pixel_features
+from hjepa.eval.features import pixel_features, run_features
 from hjepa.eval.knn import knn_accuracy
 from hjepa.eval.linear import (
     DEFAULT_MAX_ITER,
@@ -132,16 +132,14 @@ class _Evaluator:
             self.progress.advance(work)
 
     def encoder(self, encoder: VisionTransformer, dataset: Dataset) -> Features:
-        feats, labels = encoder_features(
+        feats, labels = run_features(
             encoder,
             dataset,
-            levels=self.cfg.model.levels,
-            mean=self.mean,
-            std=self.std,
-            image_size=self.cfg.data.image_size,
-            batch_size=self.cfg.eval.batch_size,
-            device=self.device,
-            num_workers=self.cfg.train.num_workers,
+            self.cfg,
+            self.mean,
+            self.std,
+            self.device,
+            self.cfg.train.num_workers,
             on_batch=lambda n: self._advance(n * self.flops_per_image),
         )
         # The probes run where the encoder does: L-BFGS and kNN over 60k images take

@@ -25,7 +25,7 @@ from hjepa.config import Config
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.subsets import fixed_subset
 from hjepa.eval.collapse import collapse_report
-from hjepa.eval.features import encoder_features, pixel_features
+from hjepa.eval.features import pixel_features, run_features
 from hjepa.eval.knn import knn_accuracy
 from hjepa.eval.linear import linear_probe
 from hjepa.losses.sigreg import SIGReg
@@ -92,16 +92,10 @@ class OnlineProbe:
     @torch.no_grad()
     def __call__(self, encoder: VisionTransformer) -> dict[str, float | bool]:
         bank, query, num_classes = self._datasets()
-        kw = dict(
-            levels=self.cfg.model.levels,
-            mean=self.mean,
-            std=self.std,
-            image_size=self.cfg.data.image_size,
-            batch_size=self.cfg.eval.batch_size,
-            device=self.device,
-        )
-        bank_feats, bank_labels = encoder_features(encoder, bank, **kw)
-        query_feats, query_labels = encoder_features(encoder, query, **kw)
+        # Decoded in this process (small sets): an unreadable image's warning reaches the user.
+        setup = (self.cfg, self.mean, self.std, self.device)
+        bank_feats, bank_labels = run_features(encoder, bank, *setup)
+        query_feats, query_labels = run_features(encoder, query, *setup)
         out: dict[str, float | bool] = {}
         for name, feats in query_feats.items():
             out[f"knn_{name}"] = knn_accuracy(
