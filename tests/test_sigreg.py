@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import math
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch.distributed as dist
 
 import hjepa.losses.sigreg as sigreg_module
 from hjepa.losses.sigreg import SIGReg, epps_pulley, epps_pulley_reference, random_directions
+from tests import gloo
 
 
 def epps_pulley_by_hand(x: np.ndarray, num_points: int = 17, t_max: float = 3.0) -> np.ndarray:
@@ -197,14 +197,7 @@ _SHARDS = (5, 7)  # unequal on purpose: N is the global batch size, not world_si
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    gloo.join(rank, world, init_file)
     try:
         x, projection, directions = _ddp_inputs()
         start = sum(_SHARDS[:rank])

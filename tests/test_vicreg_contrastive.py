@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import math
 
 import pytest
@@ -13,6 +12,7 @@ from hjepa.losses.contrastive import nt_xent
 from hjepa.losses.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from hjepa.losses.vicreg import VICReg, covariance_loss, invariance_loss, variance_loss
 from hjepa.models.heads import ProjectionHead
+from tests import gloo
 
 SIGNS = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
 ALT = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
@@ -178,14 +178,7 @@ def _ddp_inputs() -> torch.Tensor:
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=30),
-    )
+    gloo.join(rank, world, init_file)
     try:
         shard = _ddp_inputs().chunk(world)[rank].clone().requires_grad_()
         terms = VICReg()(shard)
