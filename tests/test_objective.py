@@ -376,7 +376,7 @@ def test_probe_logs_sigreg_of_each_level_and_training_warns_on_collapse(
     trainer.fit()
     probe = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").open() if '"probe"' in x][-1]
     probe_data = OnlineProbe(trainer.cfg, trainer.channels, trainer.mean, trainer.std, "cpu")
-    _, query, _ = probe_data._datasets()  # the held-out images the probe used
+    _, query, _ = probe_data.datasets()  # the held-out images the probe used
     feats, _ = encoder_features(
         trainer.model.target_encoder,
         query,

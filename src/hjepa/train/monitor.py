@@ -76,7 +76,8 @@ class OnlineProbe:
         # Rank 0 alone probes: a statistic of its features, no collective with other ranks.
         self.sigreg = SIGReg(PROBE_SIGREG_SLICES, distributed=False)
 
-    def _datasets(self) -> tuple[Dataset, Dataset, int]:
+    def datasets(self) -> tuple[Dataset, Dataset, int]:
+        """The kNN memory bank, the held-out query set and the number of classes."""
         if self._sets is None:  # loaded on first use, so short runs that never probe pay nothing
             t = self.cfg.train
             train = dataset_from_config(self.cfg, "train")
@@ -91,7 +92,7 @@ class OnlineProbe:
 
     @torch.no_grad()
     def __call__(self, encoder: VisionTransformer) -> dict[str, float | bool]:
-        bank, query, num_classes = self._datasets()
+        bank, query, num_classes = self.datasets()
         # Decoded in this process (small sets): an unreadable image's warning reaches the user.
         setup = (self.cfg, self.mean, self.std, self.device)
         bank_feats, bank_labels = run_features(encoder, bank, *setup)
@@ -122,7 +123,7 @@ class OnlineProbe:
         return out
 
     def _linear(self, bank: Tensor, bank_labels: Tensor, query: Tensor, labels: Tensor) -> float:
-        num_classes = self._datasets()[2]
+        num_classes = self.datasets()[2]
         fit = linear_probe(
             bank, bank_labels, query, labels, num_classes, max_iter=ONLINE_LINEAR_MAX_ITER
         )
@@ -133,7 +134,7 @@ class OnlineProbe:
         """kNN (and, when ``linear`` names any feature, the linear probe) of raw normalised
         pixels on the same bank and queries: the baseline every curve of this probe is drawn
         against."""
-        bank, query, num_classes = self._datasets()
+        bank, query, num_classes = self.datasets()
         kw = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size)
         bank_feats, bank_labels = pixel_features(bank, **kw)
         query_feats, query_labels = pixel_features(query, **kw)

@@ -273,7 +273,7 @@ class Trainer:
         if t.stop_after:
             end = min(end, self.step + t.stop_after)
         if main and self.step < end and (t.knn_every or end == self.total_steps):
-            probe._datasets()  # a missing or damaged test split fails now, not after training
+            probe.datasets()  # a missing or damaged test split fails now, not after training
         if resumed and main:
             print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps}")
         last: dict = {}
