@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from hjepa import __version__
 from hjepa.config import ConfigError, load_config, preset_names
 
 
@@ -29,7 +30,10 @@ def _eval(args: argparse.Namespace) -> int:
     overrides += ["eval.low_shot=false"] if args.no_low_shot else []
     overrides += ["eval.robustness=false"] if args.no_robustness else []
     results = evaluate_run(
-        args.run_dir, baselines=False if args.no_baselines else None, overrides=overrides
+        args.run_dir,
+        baselines=False if args.no_baselines else None,
+        overrides=overrides,
+        checkpoint=args.checkpoint,
     )
     print(format_table(results))
     report = write_eval_report(args.run_dir, results)
@@ -72,6 +76,7 @@ def _viz(args: argparse.Namespace) -> int:
         seed=args.seed,
         query=args.query,
         only=args.only or PLOTS,
+        checkpoint=args.checkpoint,
     )
     for path in paths.values():
         print(f"wrote {path}")
@@ -92,8 +97,27 @@ def _data(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from hjepa.export import export_run
 
-    weights, card = export_run(args.run_dir, args.out)
+    weights, card = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
     print(f"wrote {weights} and {card}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from hjepa.extract import extract_features
+
+    done = extract_features(
+        args.run_dir,
+        args.split,
+        args.out,
+        level=args.level,
+        checkpoint=args.checkpoint,
+        overrides=args.overrides,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {done['out']}: features [{done['images']}, {done['dim']}] ({done['level']}) "
+        f"and labels of the {done['split']} split, checkpoint step {done['step']}"
+    )
     return 0
 
 
@@ -109,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hjepa", description="Hierarchical JEPA self-supervised learning"
     )
+    parser.add_argument("--version", action="version", version=f"hjepa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     presets = ", ".join(preset_names())
+    checkpoint_help = "checkpoint file to read (default RUN_DIR/checkpoints/last.pt)"
 
     p = sub.add_parser("train", help="pretrain (resumes when run.dir has a checkpoint)")
     p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
@@ -129,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="also probe on 'digits' or 'image_folder:PATH' (repeatable)",
     )
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
     p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.robustness_limit=500")
     p.set_defaults(func=_eval)
 
@@ -157,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the mask samples")
     p.add_argument("--query", type=int, default=None, help="query token (default: centre)")
     p.add_argument("--only", nargs="+", choices=("masks", "attention", "pca", "curves"))
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
     p.set_defaults(func=_viz)
 
     p = sub.add_parser("data", help="check that a dataset can be read and count it")
@@ -168,7 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's target encoder as safetensors + JSON card")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="FILE.safetensors (default RUN_DIR/encoder...)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "extract", help="write the features hjepa eval probes (+ labels) of a split as .npz"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--split", required=True, choices=("train", "test"))
+    p.add_argument("--out", required=True, metavar="FILE.npz")
+    p.add_argument(
+        "--level",
+        default="concat",
+        help="level0, level1, ... or concat (default; level0 with one level)",
+    )
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="data.key=value for another dataset; eval.batch_size, train.device, train.num_workers",
+    )
+    p.set_defaults(func=_extract)
 
     p = sub.add_parser("bench", help="training throughput vs the encoder's forward+backward")
     p.add_argument("--config", default="quickstart")

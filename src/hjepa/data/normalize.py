@@ -26,7 +26,11 @@ def channel_stats(name: str, channels: int) -> tuple[Tensor, Tensor]:
 
 def to_input(images: Tensor, mean: Tensor, std: Tensor, image_size: int) -> Tensor:
     """uint8 ``[B, C, H, W]`` -> float, resized to ``image_size`` when needed, normalised."""
-    x = images.float().div_(255.0)
+    return unit_to_input(images.float().div_(255.0), mean, std, image_size)
+
+
+def unit_to_input(x: Tensor, mean: Tensor, std: Tensor, image_size: int) -> Tensor:
+    """Float images in [0, 1] ``[B, C, H, W]`` -> resized when needed, normalised."""
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     return (x - mean.to(x.device)) / std.to(x.device)

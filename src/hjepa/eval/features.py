@@ -56,15 +56,15 @@ def encoder_features(
     all_labels = []
     for images, labels in iter_batches(dataset, batch_size, num_workers):
         x = to_input(images.to(device), mean, std, image_size)
-        tokens = encoder(x)
-        for lvl, feats in enumerate(level_features(tokens, encoder.grid_size, levels)):
-            per_level[lvl].append(feats.mean(dim=1).float())
+        pooled = pooled_features(encoder(x), encoder.grid_size, levels, concat=False)
+        for lvl in range(levels):
+            per_level[lvl].append(pooled[f"level{lvl}"])
         all_labels.append(labels)
         if on_batch is not None:
             on_batch(images.shape[0])
     out = {f"level{lvl}": torch.cat(chunks) for lvl, chunks in enumerate(per_level)}
     if levels > 1:
-        out["concat"] = torch.cat([out[f"level{lvl}"] for lvl in range(levels)], dim=1)
+        out["concat"] = concat_levels(out, levels)
     return out, torch.cat(all_labels)
 
 
@@ -92,6 +92,28 @@ def run_features(
         num_workers=num_workers,
         on_batch=on_batch,
     )
+
+
+def pooled_features(
+    tokens: Tensor, grid_size: int, levels: int, *, concat: bool = True
+) -> dict[str, Tensor]:
+    """Level-0 tokens ``[B, N, D]`` -> ``{"level0": [B, D], ..., "concat": [B, levels*D]}``.
+
+    The one definition of the pooled features the probes see (``hjepa eval``, the online
+    kNN, :class:`hjepa.encoder.Encoder`). ``concat`` is left out with one level (it would be
+    ``level0`` again) or when ``concat=False``.
+    """
+    out = {
+        f"level{lvl}": feats.mean(dim=1).float()
+        for lvl, feats in enumerate(level_features(tokens, grid_size, levels))
+    }
+    if concat and levels > 1:
+        out["concat"] = concat_levels(out, levels)
+    return out
+
+
+def concat_levels(per_level: dict[str, Tensor], levels: int) -> Tensor:
+    return torch.cat([per_level[f"level{lvl}"] for lvl in range(levels)], dim=1)
 
 
 def pixel_features(

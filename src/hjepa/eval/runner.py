@@ -61,26 +61,54 @@ from hjepa.eval.progress import EvalProgress
 from hjepa.eval.transfer import transfer_datasets, transfer_name
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
+from hjepa.rundir import checkpoint_path
 
 Features = tuple[dict[str, Tensor], Tensor]
 
 
-def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """The run's resolved config, with ``eval.*`` ``key=value`` overrides applied."""
+def load_run_config(
+    run_dir: str | Path, overrides: Sequence[str] = (), allowed: Sequence[str] = ("eval.",)
+) -> Config:
+    """The run's resolved config, with ``key=value`` overrides applied.
+
+    ``allowed``: the keys a command may override, exact or as a ``section.`` prefix (the model
+    is fixed by the run; ``hjepa eval`` takes ``eval.*`` only).
+    """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory of hjepa train?")
     tree = yaml.safe_load(path.read_text()) or {}
     for item in overrides:
         key, value = parse_override(item)
-        section, _, name = key.partition(".")
-        if section != "eval" or not name:
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
             raise ConfigError(
-                f"hjepa eval accepts only eval.* overrides (the model is fixed by the run), "
+                f"this command accepts only {names} overrides (the model is fixed by the run), "
                 f"got '{key}'"
             )
-        tree.setdefault("eval", {})[name] = value
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"unknown config key '{key}'")
+        node[name] = value
     return from_dict(tree)
+
+
+def load_target_encoder(
+    encoder: VisionTransformer, state: dict, source: Path, run_dir: str | Path
+) -> None:
+    """The checkpoint's target encoder into ``encoder`` (built from the run's config);
+    :class:`ckpt.CheckpointError` when it is another architecture (a ``--checkpoint`` of
+    another run)."""
+    try:
+        encoder.load_state_dict(state["target_encoder"])
+    except (KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ckpt.CheckpointError(
+            f"{source} does not fit the model of {run_dir}/config.yaml ({first[:200]})"
+        ) from e
 
 
 def best_features(levels: int) -> str:
@@ -265,8 +293,10 @@ def evaluate_run(
     baselines: bool | None = None,
     overrides: Sequence[str] = (),
     progress_bar: bool | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``RUN_DIR/checkpoints/last.pt``; write and return ``RUN_DIR/eval.json``.
+    """Evaluate ``checkpoint`` (default ``RUN_DIR/checkpoints/last.pt``); write and return
+    ``RUN_DIR/eval.json``, which names the checkpoint and its step.
 
     ``overrides`` are ``eval.*`` ``key=value`` strings on top of the run's config;
     ``baselines`` overrides ``eval.baselines`` when given. The baselines come from the cache
@@ -279,7 +309,8 @@ def evaluate_run(
     if baselines is not None:
         cfg.eval.baselines = baselines
     e = cfg.eval
-    state = ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / ckpt.LAST)
+    source = checkpoint_path(run_dir, checkpoint)
+    state = ckpt.load_checkpoint(source)
     device = pick_device(cfg.train.device)
     ev = _Evaluator(cfg, device)
     best = best_features(cfg.model.levels)
@@ -295,9 +326,14 @@ def evaluate_run(
     torch.manual_seed(cfg.train.seed)  # the very initialisation the trained run started from
     encoder = build_encoder(cfg.model, cfg.data.image_size, ev.channels).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    encoder.load_state_dict(state["target_encoder"])
+    load_target_encoder(encoder, state, source, run_dir)
 
-    results: dict[str, Any] = {"run_dir": str(run_dir), "step": int(state["step"]), "eval": {}}
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(source),
+        "step": int(state["step"]),
+        "eval": {},
+    }
     results["eval"] = {k: v for k, v in vars(e).items()}
 
     # The baselines' numbers (and the pixel classifier robustness scores) from an earlier

@@ -1,8 +1,9 @@
 """``hjepa viz RUN_DIR``: PNGs of masks, attention, PCA of features and training curves.
 
 Everything is drawn for the first ``num_images`` images of the run's test split, with the
-trained target encoder of ``checkpoints/last.pt`` and masks drawn by the run's own sampler
-from a generator seeded with ``seed``, so the same run gives the same pictures.
+trained target encoder of ``checkpoints/last.pt`` (or ``--checkpoint``) and masks drawn by the
+run's own sampler from a generator seeded with ``seed``, so the same run gives the same
+pictures.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from hjepa.data.datasets import dataset_from_config
 from hjepa.data.masks import sampler_from_config
 from hjepa.data.normalize import channel_stats, to_input
 from hjepa.eval.features import iter_batches
-from hjepa.eval.runner import load_run_config
+from hjepa.eval.runner import load_run_config, load_target_encoder
 from hjepa.grid import grid_side
 from hjepa.models.hjepa import build_encoder
+from hjepa.rundir import checkpoint_path
 from hjepa.train.logging import read_metrics
 from hjepa.viz.attention import attention_summaries, last_block_attention, plot_attention
 from hjepa.viz.common import display_images
@@ -38,8 +40,11 @@ def visualize_run(
     query: int | None = None,
     only: Sequence[str] = PLOTS,
     out_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write the chosen plots to ``RUN_DIR/viz`` (or ``out_dir``); return their paths.
+
+    ``checkpoint``: the weights drawn (default ``RUN_DIR/checkpoints/last.pt``).
 
     ``query`` is the level-0 token whose attention is shown (default: the grid centre).
     """
@@ -65,10 +70,11 @@ def visualize_run(
         masks = sampler_from_config(cfg).sample(len(images), torch.Generator().manual_seed(seed))
         paths["masks"] = plot_masks(shown, masks, grid, out / "masks.png")
     if {"attention", "pca"} & set(only):
-        state = ckpt.load_checkpoint(ckpt.checkpoint_dir(run_dir) / ckpt.LAST)
+        source = checkpoint_path(run_dir, checkpoint)
+        state = ckpt.load_checkpoint(source)
         channels = int(images.shape[1])
         encoder = build_encoder(cfg.model, d.image_size, channels)
-        encoder.load_state_dict(state["target_encoder"])
+        load_target_encoder(encoder, state, source, run_dir)
         encoder.eval()
         mean, std = channel_stats(d.name, channels)
         x = to_input(images, mean, std, d.image_size)
