@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -6,6 +7,12 @@ import torch
 
 from hjepa import checkpoint as ckpt
 from hjepa.cli import main
+from hjepa.data.datasets import dataset_from_config
+from hjepa.data.normalize import channel_stats
+from hjepa.eval.collapse import collapse_report
+from hjepa.eval.features import encoder_features
+from hjepa.eval.knn import knn_accuracy
+from hjepa.eval.runner import load_run_config, probe
 from hjepa.train.ema import ema_update
 from hjepa.train.optim import param_groups
 from hjepa.train.schedules import cosine, linear, warmup_cosine
@@ -154,15 +161,58 @@ def test_corrupt_checkpoint_error_names_the_file(tmp_path):
         ckpt.load_checkpoint(path)
 
 
+def frozen_features(encoder, cfg, split: str):
+    """Per-level features of a whole split, as ``hjepa eval`` and the online probe take them."""
+    mean, std = channel_stats(cfg.data.name, cfg.data.channels)
+    return encoder_features(
+        encoder,
+        dataset_from_config(cfg, split),
+        levels=cfg.model.levels,
+        mean=mean,
+        std=std,
+        image_size=cfg.data.image_size,
+        batch_size=cfg.eval.batch_size,
+    )
+
+
 def test_training_logs_metrics_and_probe(tiny_config, tmp_path):
-    trainer = Trainer(tiny_config("train.max_steps=4", "train.knn_every=2"))
+    # Bank and query are the whole train (128) and test (32) splits, so the logged probe can
+    # be recomputed here from the final target encoder without knowing the probe's subsets.
+    trainer = Trainer(
+        tiny_config(
+            "train.max_steps=4",
+            "train.knn_every=2",
+            "train.knn_bank_size=0",
+            "train.knn_query_size=0",
+        )
+    )
     last = trainer.fit()
     assert math.isfinite(last["loss"])
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").open()]
     probes = [r for r in records if r["kind"] == "probe"]
     assert [r["step"] for r in probes] == [2, 4]
-    assert 0.0 <= probes[-1]["knn_level0"] <= 1.0
     assert {"rank_level0", "std_level2", "knn_concat"} <= probes[-1].keys()
+    # The step-4 probe is the kNN of the step-4 target encoder: train split as the bank, the
+    # held-out test split as the queries, with eval.knn_k / knn_temperature.
+    cfg = trainer.cfg
+    bank, bank_labels = frozen_features(trainer.model.target_encoder, cfg, "train")
+    query, query_labels = frozen_features(trainer.model.target_encoder, cfg, "test")
+    assert query_labels.numel() == 32
+    for name in ("level0", "level1", "level2", "concat"):
+        expected = knn_accuracy(
+            bank[name],
+            bank_labels,
+            query[name],
+            query_labels,
+            10,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+        )
+        assert probes[-1][f"knn_{name}"] == expected, name
+    # Its collapse statistics describe the query features of the same encoder.
+    report = collapse_report(query["level0"])
+    assert probes[-1]["rank_level0"] == pytest.approx(report["effective_rank"])
+    assert probes[-1]["std_level0"] == pytest.approx(report["normalized_embedding_std"])
     train = [r for r in records if r["kind"] == "train"]
     assert {"loss_level0", "loss_level1", "loss_level2", "lr", "ema_momentum"} <= train[0].keys()
     assert train[0]["ema_momentum"] == pytest.approx(0.996)
@@ -173,15 +223,33 @@ def test_cli_train_then_eval(tiny_config, tmp_path, capsys):
 
     run = tmp_path / "cli"
     args = ["train", "--config", "quickstart", *TINY, f"run.dir={run}", "train.max_steps=3"]
+    # A target that follows the context encoder at once, and big steps: three steps then move
+    # the trained encoder's accuracies away from the random init's, so the checks below can
+    # tell the two encoders apart.
+    args += ["train.ema_start=0.0", "optim.lr=0.01"]
     assert main(args) == 0
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert "random_init" in out and "pixels" in out
     results = json.loads((run / "eval.json").read_text())
-    for group in ("trained", "random_init"):
+    # "trained" probes the checkpoint's target encoder, "random_init" the very encoder the
+    # run started from (the trainer's initialisation under the run's seed), on full splits.
+    cfg = load_run_config(run)
+    encoders = {"random_init": Trainer(cfg).model.target_encoder}
+    encoders["trained"] = copy.deepcopy(encoders["random_init"])
+    encoders["trained"].load_state_dict(
+        ckpt.load_checkpoint(run / "checkpoints/last.pt")["target_encoder"]
+    )
+    for group, encoder in encoders.items():
         assert set(results[group]) == {"level0", "level1", "level2", "concat"}
-        for accs in results[group].values():
-            assert 0.0 <= accs["knn"] <= 1.0 and 0.0 <= accs["linear"] <= 1.0
+        train_feats, train_labels = frozen_features(encoder, cfg, "train")
+        test_feats, test_labels = frozen_features(encoder, cfg, "test")
+        for name, accs in results[group].items():
+            expected, _ = probe(
+                (train_feats[name], train_labels), (test_feats[name], test_labels), 10, cfg
+            )
+            assert accs == expected, (group, name)
+    assert results["trained"] != results["random_init"]
     assert results["pixels"]["pixels"]["knn"] > 0.2  # synthetic classes are visible in pixels
 
 
