@@ -1,8 +1,11 @@
-"""Typed configuration: a dataclass schema, packaged YAML presets and ``key=value`` overrides.
+"""Typed configuration: one schema, packaged YAML presets and ``key=value`` overrides.
 
-Every key is checked: an unknown or mistyped key is an error that names the closest valid key,
-and every value is coerced to the schema's type (or refused), so a config that loads is a config
-whose every option does something.
+Each key is defined once, in the dataclasses below: its type (``Literal`` for a choice), its
+default, its bounds and a one-line description. Everything else reads them from there: the
+choices other modules accept (:data:`CHOICES`), the lower bounds (:data:`MINIMUM`), the checks in
+:func:`validate`, ``hjepa config --list`` and docs/config.md. An unknown or mistyped key is an
+error that names the closest valid key, and every value is coerced to the schema's type (or
+refused), so a config that loads is a config whose every option does something.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,166 +29,382 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
+# -- how a key is declared ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An interval a number (or every number of a list) must lie in; ``None``: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the low end itself is excluded
+    high_open: bool = False
+    what: str = ""  # what the number is, for the message: "a probability"
+
+    def holds(self, v: float) -> bool:
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.low is None:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = (
+                f"in {'(' if self.low_open else '['}{_num(self.low)}, "
+                f"{_num(self.high)}{')' if self.high_open else ']'}"
+            )
+        return f"{self.what} {text}" if self.what else text
+
+
+def _num(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    what: str = "",
+    pair: bool = False,
+    nonempty: bool = False,
+    refusal: str = "",
+) -> Any:
+    """A schema field: ``default``, a one-line ``help``, and what a value must satisfy.
+
+    ``ge``/``gt``/``le``/``lt``: bounds (of every entry, for a list); ``pair``: a
+    ``[min, max]`` range, ``min <= max``, both within the bounds; ``nonempty``: a string or list
+    that may not be empty; ``refusal``: the message when the bounds fail, where the generic one
+    would not say enough.
+    """
+    low, high = (gt if ge is None else ge), (lt if le is None else le)
+    bounds = None
+    if low is not None or high is not None:
+        bounds = Bounds(
+            low, high, ge is None and gt is not None, le is None and lt is not None, what
+        )
+    meta = {"help": help, "bounds": bounds, "pair": pair, "nonempty": nonempty, "refusal": refusal}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def probability(default: float, help: str) -> Any:
+    return setting(default, help, ge=0.0, le=1.0, what="a probability")
+
+
+# -- the schema --------------------------------------------------------------------------------
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic"]
+Attention = Literal["auto", "math", "efficient", "flash", "cudnn"]
+Regularizer = Literal["none", "sigreg", "vicreg", "sigreg+vicreg"]
+
+
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    checkpoint_every: int = 200  # steps between rewrites of checkpoints/last.pt
-    keep_every: int = 0  # steps between kept periodic checkpoints (0: none besides last.pt)
-    tensorboard: bool = True
-    progress: bool = True  # tqdm progress bar on stderr
+    dir: str = setting(
+        "runs/default",
+        "folder of the run: config, metrics, checkpoints, eval",
+        nonempty=True,
+        refusal="run.dir is empty: name the folder the run writes to, e.g. run.dir=runs/mine",
+    )
+    checkpoint_every: int = setting(
+        200, "optimizer steps between rewrites of checkpoints/last.pt", ge=1
+    )
+    keep_every: int = setting(
+        0, "optimizer steps between periodic checkpoints kept beside last.pt (0: none)", ge=0
+    )
+    tensorboard: bool = setting(True, "also write TensorBoard event files into the run folder")
+    progress: bool = setting(True, "show a progress bar on stderr")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    epochs: int = 10
-    max_steps: int = 0  # optimizer steps for the whole run; overrides epochs when > 0
-    stop_after: int = 0  # end this invocation after that many steps (schedule of the full run)
-    batch_size: int = 128  # global batch per optimizer step (split over ranks and accumulation)
-    accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    ema_start: float = 0.996
-    ema_end: float = 1.0
-    ema_timing: str = "after_step"  # 'before_step' reproduces the old bug, for the ablation only
-    log_every: int = 20
-    knn_every: int = 0  # steps between online kNN probes (0: only at the end)
-    knn_bank_size: int = 5000  # train images in the online kNN memory bank
-    knn_query_size: int = 1000  # held-out test images queried by the online kNN
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 elsewhere)
-    num_workers: int = 0  # dataloader workers for datasets decoded from files
-    threads: int = 0  # torch intra-op threads on CPU (0: PyTorch's default)
-    nonfinite: str = "stop"  # NaN/inf loss or gradient: stop (keep last checkpoint) | skip step
-    compile: bool = False  # torch.compile the encoders and the predictor (GPU: faster steps)
+    seed: int = setting(0, "seed of model init, data order, masks and augmentations")
+    epochs: int = setting(10, "passes over the training set (used when max_steps is 0)", ge=0)
+    max_steps: int = setting(0, "optimizer steps of the whole run; overrides epochs when > 0", ge=0)
+    stop_after: int = setting(
+        0,
+        "end this invocation after that many steps; the schedule stays the full run's (0: off)",
+        ge=0,
+    )
+    batch_size: int = setting(
+        128, "global batch per optimizer step, split over ranks and accumulation steps", ge=1
+    )
+    accum_steps: int = setting(1, "micro-batches accumulated per optimizer step", ge=1)
+    grad_clip: float = setting(1.0, "largest global gradient norm (0: no clipping)", ge=0.0)
+    ema_start: float = setting(
+        0.996, "target-encoder EMA momentum at the first step", ge=0.0, le=1.0
+    )
+    ema_end: float = setting(
+        1.0, "EMA momentum at the last step (linear in between)", ge=0.0, le=1.0
+    )
+    ema_timing: Literal["after_step", "before_step"] = setting(
+        "after_step",
+        "when the EMA update runs: after optimizer.step (before_step: ablation setting)",
+    )
+    log_every: int = setting(
+        20, "optimizer steps between training-loss records in metrics.jsonl", ge=1
+    )
+    knn_every: int = setting(
+        0, "optimizer steps between online kNN probes (0: only at the end)", ge=0
+    )
+    knn_bank_size: int = setting(5000, "train images in the online kNN memory bank", ge=0)
+    knn_query_size: int = setting(1000, "held-out test images the online kNN classifies", ge=0)
+    device: Device = setting("auto", "where to train (auto: cuda, then mps, then cpu)")
+    precision: Precision = setting(
+        "auto", "training precision (auto: bf16 on CUDA, fp32 elsewhere)"
+    )
+    num_workers: int = setting(
+        0, "data-loader worker processes for datasets decoded from files", ge=0
+    )
+    threads: int = setting(0, "torch intra-op threads on CPU (0: PyTorch's default)", ge=0)
+    nonfinite: Literal["stop", "skip"] = setting(
+        "stop", "on a NaN/inf loss or gradient: stop (last checkpoint kept) or skip the step"
+    )
+    compile: bool = setting(
+        False, "torch.compile the encoders and the predictor (faster steps on a GPU)"
+    )
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    start_lr: float = 2e-4
-    final_lr: float = 1e-6
-    warmup_steps: int = 0
-    warmup_fraction: float = 0.05  # used when warmup_steps is 0
-    weight_decay: float = 0.04  # start of the cosine weight-decay schedule
-    final_weight_decay: float = 0.4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = setting(1e-3, "peak learning rate of AdamW, reached at the end of warmup", gt=0.0)
+    start_lr: float = setting(
+        2e-4, "learning rate at the first step (linear warmup from it)", ge=0.0
+    )
+    final_lr: float = setting(1e-6, "learning rate at the last step (cosine decay to it)", ge=0.0)
+    warmup_steps: int = setting(
+        0, "optimizer steps of warmup (0: warmup_fraction of the run)", ge=0
+    )
+    warmup_fraction: float = setting(
+        0.05, "fraction of the run spent in warmup when warmup_steps is 0", ge=0.0, le=1.0
+    )
+    weight_decay: float = setting(0.04, "weight decay at the first step (cosine schedule)", ge=0.0)
+    final_weight_decay: float = setting(0.4, "weight decay at the last step", ge=0.0)
+    betas: list[float] = setting([0.9, 0.999], "AdamW's two moment coefficients", ge=0.0, lt=1.0)
 
 
 @dataclass
 class AugmentConfig:
     """DeiT III style batched augmentations on top of the crop + flip (all off by default)."""
 
-    three_augment: float = 0.0  # probability of one of grayscale / solarize / blur per image
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels
-    color_jitter: float = 0.0  # brightness/contrast (+ saturation on RGB) factors in 1 +- s
-    mixup: float = 0.0  # Beta(a, a) concentration; 0: off
-    cutmix: float = 0.0  # Beta(a, a) concentration; 0: off (both on: one of them per batch)
-    random_erasing: float = 0.0  # probability of erasing one random box per image
+    three_augment: float = probability(
+        0.0, "chance per image of one of grayscale, solarize or blur"
+    )
+    blur_sigma: list[float] = setting(
+        [0.1, 2.0], "range of the blur's Gaussian sigma, in pixels", ge=1e-3, le=100.0, pair=True
+    )
+    color_jitter: float = setting(
+        0.0,
+        "brightness/contrast (+ saturation on RGB) factors drawn in 1 +- s (0: off)",
+        ge=0.0,
+        lt=1.0,
+        what="a strength",
+    )
+    mixup: float = setting(0.0, "mixup's Beta(a, a) concentration (0: off)", ge=0.0)
+    cutmix: float = setting(
+        0.0, "CutMix's Beta(a, a) concentration (0: off; with mixup: one of them per batch)", ge=0.0
+    )
+    random_erasing: float = probability(0.0, "chance per image of erasing one random box")
 
 
 @dataclass
 class MultiCropConfig:
     """Extra local crops whose pooled context embedding predicts the global pooled target."""
 
-    num_local: int = 0  # 0: off
-    local_size: int = 16  # pixels, a multiple of model.patch_size
-    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
-    weight: float = 1.0  # weight of the view-prediction term in the loss
+    num_local: int = setting(0, "local crops per image (0: no multi-crop)", ge=0)
+    local_size: int = setting(
+        16, "side of a local crop in pixels, a multiple of model.patch_size", ge=1
+    )
+    local_scale: list[float] = setting(
+        [0.05, 0.4],
+        "range of a local crop's area as a fraction of the image",
+        ge=1e-3,
+        le=1.0,
+        pair=True,
+    )
+    weight: float = setting(
+        1.0, "weight of the local-to-global prediction term in the loss", ge=0.0
+    )
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"
-    root: str = ""  # '' means the dataset's default locations
-    image_size: int = 28
-    channels: int = 1  # used by 'synthetic'; real datasets have their own
-    synthetic_size: int = 2048
-    class_subset: str = ""  # image_folder only: 'imagenet100' or a file of class names
-    crop_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
-    hflip: float = 0.5
+    name: DatasetName = setting("fashion_mnist", "dataset to train on")
+    root: str = setting("", "folder holding the dataset ('': the dataset's default locations)")
+    image_size: int = setting(28, "side of the square images the model sees, in pixels", ge=1)
+    channels: int = setting(1, "image channels of 'synthetic' (real datasets have their own)", ge=1)
+    synthetic_size: int = setting(
+        2048, "training images of 'synthetic' (its test split has a quarter)", ge=1
+    )
+    class_subset: str = setting(
+        "", "image_folder only: 'imagenet100' or a file of class folder names"
+    )
+    crop_scale: list[float] = setting(
+        [0.3, 1.0],
+        "range of the random crop's area as a fraction of the image",
+        ge=1e-3,
+        le=1.0,
+        pair=True,
+    )
+    crop_ratio: list[float] = setting(
+        [0.75, 1.3333333], "range of the random crop's aspect ratio", ge=1e-2, le=1e2, pair=True
+    )
+    hflip: float = probability(0.5, "chance of a horizontal flip per image")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 
 @dataclass
 class ModelConfig:
-    patch_size: int = 4
-    # patch: one linear projection per patch (ViT) | conv: stride-2 3x3 conv stack, same grid
-    stem: str = "patch"
-    embed_dim: int = 192
-    depth: int = 6
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    predictor_embed_dim: int = 96
-    predictor_depth: int = 4
-    predictor_num_heads: int = 3
-    levels: int = 3
-    drop_path: float = 0.0
-    normalize_targets: bool = False  # extra L2 normalisation of targets and predictions
-    # repeat: I-JEPA's predictor (context repeated per target block); shared: one pass, the
-    # context attends only to itself and each block to the context and itself (docs/scale.md)
-    predictor_mode: str = "repeat"
-    attention: str = "auto"  # SDPA kernel for training: auto | math | efficient | flash
-    pos_embed: str = "sincos"  # sincos (added to tokens) | rope (axial 2D RoPE in attention)
-    layer_scale: float = 0.0  # LayerScale initial gain on every residual branch (0: off)
-    grad_checkpointing: bool = False  # recompute each block in backward (less memory)
-    fpn: str = "none"  # none | add | concat: top-down pathway over the level predictions
-    # ema: targets from an EMA copy of the context encoder; shared: from the context encoder
-    # itself on the full image (LeJEPA's EMA-free mode; needs an anti-collapse regulariser)
-    target: str = "ema"
-    target_stop_grad: bool = True  # shared targets carry no gradient (false: they do)
+    patch_size: int = setting(4, "side of a patch (one token) in pixels", ge=1)
+    stem: Literal["patch", "conv"] = setting(
+        "patch", "patch: one linear projection per patch (ViT); conv: stride-2 3x3 conv stack"
+    )
+    embed_dim: int = setting(
+        192, "token width of the encoders, a multiple of 4 and of num_heads", ge=4
+    )
+    depth: int = setting(6, "transformer blocks of each encoder", ge=1)
+    num_heads: int = setting(3, "attention heads of the encoders", ge=1)
+    mlp_ratio: float = setting(4.0, "MLP hidden width over token width, in every block", gt=0.0)
+    predictor_embed_dim: int = setting(
+        96, "token width of the predictor, a multiple of 4 and of its heads", ge=4
+    )
+    predictor_depth: int = setting(4, "transformer blocks of the predictor", ge=1)
+    predictor_num_heads: int = setting(3, "attention heads of the predictor", ge=1)
+    levels: int = setting(
+        3, "hierarchy levels predicted: the token grid pooled by 1, 2, 4, 8", ge=1, le=4
+    )
+    drop_path: float = setting(
+        0.0,
+        "stochastic-depth rate of the last block of every stack (linear from 0)",
+        ge=0.0,
+        lt=1.0,
+    )
+    normalize_targets: bool = setting(
+        False, "also L2-normalise targets and predictions (after the layer norm)"
+    )
+    predictor_mode: Literal["repeat", "shared"] = setting(
+        "repeat",
+        "repeat: context repeated per target block (I-JEPA); shared: one pass (docs/scale.md)",
+    )
+    attention: Attention = setting("auto", "scaled-dot-product attention kernel used in training")
+    pos_embed: Literal["sincos", "rope"] = setting(
+        "sincos", "positions: sincos added to the tokens, or rope (axial 2D RoPE in attention)"
+    )
+    layer_scale: float = setting(
+        0.0,
+        "LayerScale's initial gain on every residual branch (0: off)",
+        ge=0.0,
+        what="an initial gain",
+    )
+    grad_checkpointing: bool = setting(
+        False, "recompute each block in the backward pass (less memory, slower)"
+    )
+    fpn: Literal["none", "add", "concat"] = setting(
+        "none", "top-down pathway over the level predictions and how it fuses them"
+    )
+    target: Literal["ema", "shared"] = setting(
+        "ema",
+        "targets from an EMA copy of the encoder, or from the encoder itself (needs a regulariser)",
+    )
+    target_stop_grad: bool = setting(True, "with target=shared: the targets carry no gradient")
 
 
 @dataclass
 class MaskingConfig:
-    num_targets: int = 4
-    target_scale: list[float] = field(default_factory=lambda: [0.15, 0.2])
-    target_aspect: list[float] = field(default_factory=lambda: [0.75, 1.5])
-    context_scale: list[float] = field(default_factory=lambda: [0.85, 1.0])
-    scale_mode: str = "constant"  # constant (option A) | gentle (option B) | geometric (old bug)
-    min_context: int = 4
+    num_targets: int = setting(4, "target blocks per image", ge=1)
+    target_scale: list[float] = setting(
+        [0.15, 0.2],
+        "range of a target block's area as a fraction of the image",
+        ge=1e-6,
+        le=1.0,
+        pair=True,
+    )
+    target_aspect: list[float] = setting(
+        [0.75, 1.5], "range of a target block's height/width ratio", ge=1e-3, le=1e3, pair=True
+    )
+    context_scale: list[float] = setting(
+        [0.85, 1.0],
+        "range of the context square's area before the targets are cut out",
+        ge=1e-6,
+        le=1.0,
+        pair=True,
+    )
+    scale_mode: Literal["constant", "gentle", "geometric"] = setting(
+        "constant",
+        "target blocks per level: constant, one image fraction at all levels (others: ablation)",
+    )
+    min_context: int = setting(4, "fewest context tokens a mask may leave; fewer are redrawn", ge=1)
 
 
 @dataclass
 class LossConfig:
-    distance: str = "mse"  # mse | smooth_l1
-    level_weights: list[float] = field(default_factory=list)  # [] -> [1.0, 0.7, 0.5, 0.35][:levels]
-    regularizer: str = "none"  # none | sigreg | vicreg | sigreg+vicreg (docs/regularizers.md)
-    regularize_on: str = "context"  # what SIGReg sees: context | predictor | pooled
-    sigreg_weight: float = 0.05
-    sigreg_slices: int = 1024
-    # SIGReg on each view's pooled embedding (global context + multi-crop local crops; LeJEPA)
-    view_sigreg: float = 0.0
-    vicreg_weight: float = 0.1  # x (var_w * var + cov_w * cov + inv_w * inv), two views
-    vicreg_var_weight: float = 25.0
-    vicreg_cov_weight: float = 1.0
-    vicreg_inv_weight: float = 25.0  # the paper's similarity (invariance) coefficient
-    contrastive: bool = False  # C-JEPA: NT-Xent between the pooled embeddings of two views
-    contrastive_weight: float = 0.1
-    contrastive_temperature: float = 0.1
-    contrastive_hidden_dim: int = 512  # projection head: Linear-BN-GELU-Linear
-    contrastive_out_dim: int = 128
+    distance: Literal["mse", "smooth_l1"] = setting("mse", "distance between prediction and target")
+    level_weights: list[float] = setting(
+        [], "weight of each level's loss ([]: 1.0, 0.7, 0.5, 0.35 for the first levels)", ge=0.0
+    )
+    regularizer: Regularizer = setting("none", "anti-collapse term (docs/regularizers.md)")
+    regularize_on: Literal["context", "predictor", "pooled"] = setting(
+        "context", "what SIGReg sees: context tokens, predictions or level-pooled context"
+    )
+    sigreg_weight: float = setting(0.05, "weight of SIGReg in the loss", ge=0.0)
+    sigreg_slices: int = setting(1024, "random directions SIGReg projects on each step", ge=1)
+    view_sigreg: float = setting(
+        0.0, "weight of SIGReg on each view's pooled embedding (needs multi-crop; 0: off)", ge=0.0
+    )
+    vicreg_weight: float = setting(
+        0.1, "weight of the VICReg term (its three parts weighted below)", ge=0.0
+    )
+    vicreg_var_weight: float = setting(25.0, "VICReg's variance coefficient", ge=0.0)
+    vicreg_cov_weight: float = setting(1.0, "VICReg's covariance coefficient", ge=0.0)
+    vicreg_inv_weight: float = setting(
+        25.0, "VICReg's invariance coefficient (between two views)", ge=0.0
+    )
+    contrastive: bool = setting(False, "C-JEPA: NT-Xent between the pooled embeddings of two views")
+    contrastive_weight: float = setting(0.1, "weight of the contrastive term", ge=0.0)
+    contrastive_temperature: float = setting(
+        0.1,
+        "NT-Xent temperature",
+        gt=0.0,
+        refusal="loss.contrastive_temperature must be > 0, e.g. 0.1",
+    )
+    contrastive_hidden_dim: int = setting(
+        512, "hidden width of the contrastive projection head", ge=1
+    )
+    contrastive_out_dim: int = setting(128, "output width of the contrastive projection head", ge=1)
 
 
 @dataclass
 class EvalConfig:
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    batch_size: int = 512
-    train_limit: int = 0  # cap on train images used by the probes (0: all)
-    linear: bool = True
-    baselines: bool = True  # also probe raw pixels and a random-init encoder
-    low_shot: bool = True  # linear probes on class-balanced label fractions (best features)
-    low_shot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    low_shot_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    robustness: bool = True  # corrupted test set (8 corruptions x 5 severities), mCE vs pixels
-    robustness_limit: int = 2000  # test images corrupted (0: the whole test set)
-    transfer: list[str] = field(default_factory=list)  # 'digits' | 'image_folder:PATH'
-    # Baselines (pixels, random init) are reused from a cache keyed by data, architecture,
-    # seed and protocol; cache_dir "" is $HJEPA_CACHE_DIR or ~/.cache/hjepa.
-    cache: bool = True
-    cache_dir: str = ""
+    knn_k: int = setting(20, "neighbours of the kNN probe", ge=1)
+    knn_temperature: float = setting(
+        0.07, "temperature of the kNN probe's similarity weights", gt=0.0
+    )
+    batch_size: int = setting(512, "images per batch when extracting features", ge=1)
+    train_limit: int = setting(0, "train images the probes use (0: all)", ge=0)
+    linear: bool = setting(True, "fit a linear probe besides the kNN")
+    baselines: bool = setting(True, "also probe raw pixels and a randomly initialised encoder")
+    low_shot: bool = setting(True, "linear probes on class-balanced fractions of the labels")
+    low_shot_fractions: list[float] = setting(
+        [0.01, 0.1], "label fractions of the low-shot probes", gt=0.0, le=1.0, nonempty=True
+    )
+    low_shot_seeds: list[int] = setting(
+        [0, 1, 2], "seeds of the low-shot label draws", nonempty=True
+    )
+    robustness: bool = setting(True, "probe a corrupted test set (8 corruptions x 5 severities)")
+    robustness_limit: int = setting(2000, "test images corrupted (0: the whole test set)", ge=0)
+    transfer: list[str] = setting([], "other datasets to probe: 'digits' or 'image_folder:PATH'")
 
 
 @dataclass
@@ -205,39 +424,73 @@ class Config:
 
 DEFAULT_LEVEL_WEIGHTS = (1.0, 0.7, 0.5, 0.35)
 
-CHOICES = {
-    "train.ema_timing": ("after_step", "before_step"),
-    "train.device": ("auto", "cpu", "cuda", "mps"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.nonfinite": ("stop", "skip"),
-    "data.name": ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic"),
-    "masking.scale_mode": ("constant", "gentle", "geometric"),
-    "model.predictor_mode": ("repeat", "shared"),
-    "model.attention": ("auto", "math", "efficient", "flash", "cudnn"),
-    "model.pos_embed": ("sincos", "rope"),
-    "model.stem": ("patch", "conv"),
-    "model.fpn": ("none", "add", "concat"),
-    "model.target": ("ema", "shared"),
-    "loss.distance": ("mse", "smooth_l1"),
-    "loss.regularizer": ("none", "sigreg", "vicreg", "sigreg+vicreg"),
-    "loss.regularize_on": ("context", "predictor", "pooled"),
-}
+
+# -- reading the schema ------------------------------------------------------------------------
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
-    """Dotted names of every setting under ``node``; nested dataclasses (data.augment) recurse."""
+@dataclass(frozen=True)
+class Key:
+    """One setting as the schema defines it."""
+
+    name: str  # dotted: "data.augment.mixup"
+    type: Any  # int, float, bool, str, list[...] or Literal[...]
+    default: Any
+    help: str
+    bounds: Bounds | None
+    pair: bool
+    nonempty: bool
+    refusal: str
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else ()
+
+
+def _schema_keys(cls: type, prefix: str = "") -> list[Key]:
     keys = []
-    for name in typing.get_type_hints(type(node)):
-        value = getattr(node, name)
-        if dataclasses.is_dataclass(value):
-            keys += _leaf_keys(value, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):  # a section or a nested group (data.augment)
+            keys += _schema_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        m = f.metadata
+        keys.append(
+            Key(
+                f"{prefix}{f.name}",
+                tp,
+                default,
+                m["help"],
+                m["bounds"],
+                m["pair"],
+                m["nonempty"],
+                m["refusal"],
+            )
+        )
     return keys
 
 
+SCHEMA: dict[str, Key] = {k.name: k for k in _schema_keys(Config)}
+
+# The accepted values of every choice key; modules that take one import it from here.
+CHOICES: dict[str, tuple[str, ...]] = {k: key.choices for k, key in SCHEMA.items() if key.choices}
+
+# Lower bounds of numeric settings: below them a run would divide by zero, build an empty
+# layer or silently do nothing (reliability fuzzing, tests/test_validation_fuzz.py).
+MINIMUM: dict[str, float] = {
+    k: key.bounds.low
+    for k, key in SCHEMA.items()
+    if key.type in (int, float)
+    and key.bounds
+    and key.bounds.low is not None
+    and not key.bounds.low_open
+}
+
+
 def valid_keys(cfg: Config | None = None) -> list[str]:
-    return _leaf_keys(cfg or Config())
+    """Every dotted key of the schema, in its order (``cfg`` is accepted for old callers)."""
+    return list(SCHEMA)
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -275,6 +528,8 @@ def _unknown(key: str, options: list[str]) -> ConfigError:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:  # a choice: a string here, checked against the choices by validate
+        return _coerce(key, value, str)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
@@ -324,7 +579,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         raise _unknown(key, valid_keys(cfg))
     if dataclasses.is_dataclass(getattr(node, name)):
         if not isinstance(value, dict):  # a group: 'data.augment={mixup: 0.2}' sets its keys
-            first = _leaf_keys(getattr(node, name))[0]
+            first = next(k for k in SCHEMA if k.startswith(f"{key}.")).rsplit(".", 1)[-1]
             raise ConfigError(f"{key} is a group of settings: set {key}.{first}=... instead")
         for sub_key, sub_value in _flatten(value).items():
             _set(cfg, f"{key}.{sub_key}", sub_value)
@@ -424,83 +679,38 @@ def level_weights(cfg: Config) -> list[float]:
     return list(cfg.loss.level_weights) or list(DEFAULT_LEVEL_WEIGHTS[: cfg.model.levels])
 
 
-def _check_range(key: str, pair: list[float], low: float, high: float) -> None:
-    if len(pair) != 2 or not (low <= pair[0] <= pair[1] <= high):
-        raise ConfigError(
-            f"{key} must be [min, max] with {low} <= min <= max <= {high}, got {pair}"
-        )
+def _check_key(cfg: Config, key: Key) -> None:
+    """The rules the schema gives ``key``: finite numbers, bounds, ranges, non-empty."""
+    value = get_value(cfg, key.name)
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+        raise ConfigError(f"{key.name}={value} must be a finite number")
+    refuse = lambda text: ConfigError(key.refusal or text)
+    if key.nonempty and not (value.strip() if isinstance(value, str) else value):
+        raise refuse(f"{key.name} is empty: give it a value ({key.help})")
+    b = key.bounds
+    if key.pair:
+        if len(value) != 2 or value[0] > value[1] or not all(b.holds(v) for v in value):
+            raise refuse(
+                f"{key.name} must be [min, max] with {_num(b.low)} <= min <= max <= "
+                f"{_num(b.high)}, got {value}"
+            )
+    elif b is not None and not all(b.holds(v) for v in items):
+        if isinstance(value, list):
+            raise refuse(f"{key.name}={value}: every entry must be {b}")
+        raise refuse(f"{key.name}={value} must be {b}")
 
 
-# Lower bounds of numeric settings: below them a run would divide by zero, build an empty
-# layer or silently do nothing (reliability fuzzing, tests/test_validation_fuzz.py).
-MINIMUM = {
-    "run.checkpoint_every": 1,
-    "run.keep_every": 0,
-    "train.epochs": 0,
-    "train.max_steps": 0,
-    "train.stop_after": 0,
-    "train.log_every": 1,
-    "train.knn_every": 0,
-    "train.knn_bank_size": 0,
-    "train.knn_query_size": 0,
-    "train.num_workers": 0,
-    "train.threads": 0,
-    "train.grad_clip": 0.0,
-    "optim.start_lr": 0.0,
-    "optim.final_lr": 0.0,
-    "optim.warmup_steps": 0,
-    "optim.warmup_fraction": 0.0,
-    "optim.weight_decay": 0.0,
-    "optim.final_weight_decay": 0.0,
-    "data.image_size": 1,
-    "data.channels": 1,
-    "data.synthetic_size": 1,
-    "model.patch_size": 1,
-    "model.embed_dim": 4,
-    "model.depth": 1,
-    "model.num_heads": 1,
-    "model.predictor_embed_dim": 4,
-    "model.predictor_depth": 1,
-    "model.predictor_num_heads": 1,
-    "masking.num_targets": 1,
-    "masking.min_context": 1,
-    "loss.sigreg_weight": 0.0,
-    "loss.sigreg_slices": 1,
-    "loss.view_sigreg": 0.0,
-    "loss.vicreg_weight": 0.0,
-    "loss.vicreg_var_weight": 0.0,
-    "loss.vicreg_cov_weight": 0.0,
-    "loss.vicreg_inv_weight": 0.0,
-    "loss.contrastive_weight": 0.0,
-    "loss.contrastive_hidden_dim": 1,
-    "loss.contrastive_out_dim": 1,
-    "eval.knn_k": 1,
-    "eval.batch_size": 1,
-}
-
-
-def _check_numbers(cfg: Config) -> None:
-    """Every number finite, every count/size at or above its minimum, ratios in range."""
-    keys = valid_keys(cfg)
-    for key in keys:
-        value = get_value(cfg, key)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{key}={value} must be a finite number")
-    for key, low in MINIMUM.items():
-        if key in keys and get_value(cfg, key) < low:
-            raise ConfigError(f"{key}={get_value(cfg, key)} must be >= {low}")
+def _check_numbers(cfg: Config, stored: bool = False) -> None:
+    """Each key against its schema rules, then the numbers that constrain one another."""
+    for key in SCHEMA.values():
+        if not (stored and key.name == "run.dir"):  # a card clears it (see from_dict)
+            _check_key(cfg, key)
     m, o = cfg.model, cfg.optim
-    if m.mlp_ratio <= 0 or int(m.embed_dim * m.mlp_ratio) < 1:
+    if int(m.embed_dim * m.mlp_ratio) < 1:
         raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must give an MLP of at least 1 unit")
-    if o.warmup_fraction > 1.0:
-        raise ConfigError(f"optim.warmup_fraction={o.warmup_fraction} must be in [0, 1]")
-    if len(o.betas) == 2 and not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas={o.betas} must both be in [0, 1), e.g. [0.9, 0.999]")
-    if any(w < 0 for w in cfg.loss.level_weights):
-        raise ConfigError(f"loss.level_weights={cfg.loss.level_weights} must be >= 0")
-    if cfg.eval.knn_temperature <= 0:
-        raise ConfigError("eval.knn_temperature must be > 0")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas={o.betas} must be a pair, e.g. [0.9, 0.999]")
 
 
 def _block_side(area: float, grid: int) -> int:
@@ -583,19 +793,13 @@ def validate(cfg: Config, *, stored: bool = False) -> None:
         value = get_value(cfg, key)
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
-    _check_numbers(cfg)  # first: later checks divide by these
-    if not stored and not cfg.run.dir.strip():
-        raise ConfigError(
-            "run.dir is empty: name the folder the run writes to, e.g. run.dir=runs/mine"
-        )
+    _check_numbers(cfg, stored)  # first: later checks divide by these
     m, t, d = cfg.model, cfg.train, cfg.data
     if d.image_size % m.patch_size:
         raise ConfigError(
             f"data.image_size={d.image_size} must be a multiple of model.patch_size={m.patch_size}"
         )
     grid = grid_side(d.image_size, m.patch_size)
-    if not 1 <= m.levels <= 4:
-        raise ConfigError(f"model.levels must be between 1 and 4, got {m.levels}")
     deepest = max_levels(grid)  # levels down to the first 1x1 grid (ceil pooling)
     if m.levels > deepest:
         raise ConfigError(
@@ -617,25 +821,14 @@ def validate(cfg: Config, *, stored: bool = False) -> None:
             f"loss.level_weights has {len(cfg.loss.level_weights)} entries but model.levels="
             f"{m.levels}: give one weight per level"
         )
-    if t.batch_size < 1 or t.accum_steps < 1 or t.batch_size % t.accum_steps:
+    if t.batch_size % t.accum_steps:
         raise ConfigError("train.batch_size must be a positive multiple of train.accum_steps")
     if t.epochs < 1 and t.max_steps < 1:
         raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
-    if not 0.0 <= t.ema_start <= t.ema_end <= 1.0:
+    if t.ema_start > t.ema_end:
         raise ConfigError("need 0 <= train.ema_start <= train.ema_end <= 1")
-    if not 0.0 <= m.drop_path < 1.0:
-        raise ConfigError("model.drop_path must be in [0, 1)")
-    _check_range("masking.target_scale", cfg.masking.target_scale, 1e-6, 1.0)
-    _check_range("masking.context_scale", cfg.masking.context_scale, 1e-6, 1.0)
-    _check_range("masking.target_aspect", cfg.masking.target_aspect, 1e-3, 1e3)
-    _check_range("data.crop_scale", d.crop_scale, 1e-3, 1.0)
-    _check_range("data.crop_ratio", d.crop_ratio, 1e-2, 1e2)
-    if not 0.0 <= d.hflip <= 1.0:
-        raise ConfigError("data.hflip is a probability in [0, 1]")
     if t.device == "cpu" and t.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-    if cfg.optim.lr <= 0 or len(cfg.optim.betas) != 2:
-        raise ConfigError("optim.lr must be > 0 and optim.betas a pair")
     _check_masks_feasible(cfg)
     _validate_eval(cfg.eval)
     _validate_encoder_options(cfg)
@@ -688,8 +881,6 @@ def _validate_regularizers(cfg: Config) -> None:
                 "loss.vicreg_var_weight, vicreg_cov_weight and vicreg_inv_weight are all 0: "
                 "give one of them a weight > 0 (paper: 25, 1, 25) or drop vicreg"
             )
-    if loss.contrastive_temperature <= 0:
-        raise ConfigError("loss.contrastive_temperature must be > 0, e.g. 0.1")
     if loss.contrastive and loss.contrastive_weight <= 0:
         raise ConfigError(
             "loss.contrastive_weight must be > 0 with loss.contrastive=true (or set it false)"
@@ -728,29 +919,15 @@ def _validate_encoder_options(cfg: Config) -> None:
             f"model.stem=conv needs a power-of-2 model.patch_size >= 2 (one stride-2 conv per "
             f"halving), got {p}: use patch_size 2, 4, 8 or 16, or model.stem=patch"
         )
-    if m.layer_scale < 0:
-        raise ConfigError("model.layer_scale is an initial gain >= 0 (0: off), e.g. 1e-4 or 0.1")
     if m.fpn != "none" and m.levels < 2:
         raise ConfigError("model.fpn needs model.levels >= 2 (a coarser level to fuse from)")
-    a = d.augment
-    for name in ("three_augment", "random_erasing"):
-        if not 0.0 <= getattr(a, name) <= 1.0:
-            raise ConfigError(f"data.augment.{name} is a probability in [0, 1]")
-    if not 0.0 <= a.color_jitter < 1.0:
-        raise ConfigError("data.augment.color_jitter is a strength in [0, 1), e.g. 0.3")
-    if a.mixup < 0 or a.cutmix < 0:
-        raise ConfigError("data.augment.mixup/cutmix are Beta concentrations >= 0 (0: off)")
-    _check_range("data.augment.blur_sigma", a.blur_sigma, 1e-3, 100.0)
     mc = d.multicrop
-    if mc.num_local < 0:
-        raise ConfigError("data.multicrop.num_local must be >= 0 (0: off)")
     if mc.num_local:
         if mc.local_size % m.patch_size or not m.patch_size <= mc.local_size <= d.image_size:
             raise ConfigError(
                 f"data.multicrop.local_size={mc.local_size} must be a multiple of "
                 f"model.patch_size={m.patch_size} and at most data.image_size={d.image_size}"
             )
-        _check_range("data.multicrop.local_scale", mc.local_scale, 1e-3, 1.0)
         if mc.weight <= 0:
             raise ConfigError(
                 "data.multicrop.weight must be > 0 with local crops (or data.multicrop.num_local=0)"
@@ -758,12 +935,6 @@ def _validate_encoder_options(cfg: Config) -> None:
 
 
 def _validate_eval(e: EvalConfig) -> None:
-    if not e.low_shot_fractions or not all(0.0 < f <= 1.0 for f in e.low_shot_fractions):
-        raise ConfigError("eval.low_shot_fractions must be a non-empty list in (0, 1], e.g. [0.01]")
-    if not e.low_shot_seeds:
-        raise ConfigError("eval.low_shot_seeds must list at least one seed, e.g. [0, 1, 2]")
-    if e.robustness_limit < 0 or e.train_limit < 0:
-        raise ConfigError("eval.robustness_limit and eval.train_limit must be >= 0 (0: all)")
     for spec in e.transfer:
         kind, _, path = spec.partition(":")
         if not (spec == "digits" or (kind == "image_folder" and path)):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from hjepa.config import Config
+from hjepa.config import CHOICES, Config
 from hjepa.data.cifar import load_cifar
 from hjepa.data.fashion_mnist import load_fashion_mnist
 from hjepa.data.image_folder import ImageFolder
 from hjepa.data.synthetic import make_synthetic
 
-DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
+DATASET_NAMES = CHOICES["data.name"]
 SPLITS = ("train", "test")
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from hjepa.config import CHOICES
 from hjepa.grid import grid_side, level_grid
 from hjepa.losses.contrastive import nt_xent
 from hjepa.losses.prediction import prediction_loss
@@ -52,8 +53,8 @@ if TYPE_CHECKING:
     from hjepa.config import Config
     from hjepa.models.hjepa import JEPAOutput
 
-REGULARIZERS = ("none", "sigreg", "vicreg", "sigreg+vicreg")
-REGULARIZE_ON = ("context", "predictor", "pooled")
+REGULARIZERS = CHOICES["loss.regularizer"]
+REGULARIZE_ON = CHOICES["loss.regularize_on"]
 
 
 def context_cells(context: Tensor, index: Tensor, grid_size: int, level: int) -> Tensor:

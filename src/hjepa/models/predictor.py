@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hjepa.config import CHOICES
 from hjepa.models.rope import grid_positions, rope_tables
 from hjepa.models.vit import (
     Block,
@@ -36,7 +37,7 @@ from hjepa.models.vit import (
     sincos_2d,
 )
 
-PREDICTOR_MODES = ("repeat", "shared")
+PREDICTOR_MODES = CHOICES["model.predictor_mode"]
 
 
 class Predictor(nn.Module):

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hjepa.config import CHOICES
 from hjepa.grid import grid_side
 from hjepa.models.rope import apply_rope, grid_positions, rope_tables
 
-ATTENTION_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
-POS_EMBEDS = ("sincos", "rope")
-STEMS = ("patch", "conv")
+ATTENTION_BACKENDS = CHOICES["model.attention"]
+POS_EMBEDS = CHOICES["model.pos_embed"]
+STEMS = CHOICES["model.stem"]
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
 
