@@ -318,7 +318,9 @@ def test_nested_keys_set_validate_and_round_trip(tmp_path):
     as_dict = load_config(None, ["data.augment={cutmix: 1.0, blur_sigma: [0.2, 1.0]}"])
     assert as_dict.data.augment.cutmix == 1.0 and as_dict.data.augment.blur_sigma == [0.2, 1.0]
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  augment:\n    random_erasing: 0.25\n  multicrop:\n    weight: 2\n")
+    path.write_text(
+        "base: defaults\ndata:\n  augment:\n    random_erasing: 0.25\n  multicrop:\n    weight: 2\n"
+    )
     from_yaml = load_config(str(path))
     assert from_yaml.data.augment.random_erasing == 0.25 and from_yaml.data.multicrop.weight == 2.0
     assert from_dict(from_yaml.to_dict()) == from_yaml

@@ -7,13 +7,16 @@ import json
 import sys
 
 from hjepa import __version__
-from hjepa.config import ConfigError, load_config, preset_names
+from hjepa.config import ConfigError, dump_yaml, load_config, preset_names
 
 
 def _train(args: argparse.Namespace) -> int:
     from hjepa.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:  # before train(): no run folder, no data
+        print(dump_yaml(cfg), end="")
+        return 0
     trainer = train(cfg)
     if trainer.dist.is_main:  # one line per job, not per torchrun rank
         print(f"trained {trainer.step}/{trainer.total_steps} steps; run dir: {cfg.run.dir}")
@@ -121,6 +124,18 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from hjepa import config_table
+
+    if args.markdown:
+        print(config_table.markdown(), end="")
+    elif args.list:
+        print(config_table.text(), end="")
+    else:  # the resolved config of --config plus overrides, as `train --print-config` shows it
+        print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from hjepa.bench import benchmark_step
 
@@ -141,7 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain (resumes when run.dir has a checkpoint)")
     p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit (nothing is created or read)",
+    )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="the config keys (--list) or a resolved config as YAML")
+    p.add_argument("--list", action="store_true", help="every key: type, default, bounds, help")
+    p.add_argument("--markdown", action="store_true", help="the key table as docs/config.md")
+    p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("eval", help="kNN + linear probes of a run, beside pixels and random init")
     p.add_argument("run_dir")

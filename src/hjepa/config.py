@@ -150,7 +150,7 @@ class TrainConfig:
     )
     ema_timing: Literal["after_step", "before_step"] = setting(
         "after_step",
-        "when the EMA update runs: after optimizer.step (before_step: ablation setting)",
+        "when the EMA update runs: after optimizer.step, or before_step (an ablation setting)",
     )
     log_every: int = setting(
         20, "optimizer steps between training-loss records in metrics.jsonl", ge=1
@@ -343,7 +343,7 @@ class MaskingConfig:
     )
     scale_mode: Literal["constant", "gentle", "geometric"] = setting(
         "constant",
-        "target blocks per level: constant, one image fraction at all levels (others: ablation)",
+        "target blocks per level: constant (one image fraction at every level); others: ablation",
     )
     min_context: int = setting(4, "fewest context tokens a mask may leave; fewer are redrawn", ge=1)
 
@@ -614,24 +614,79 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
-    path, res = Path(name_or_path), None
+NO_BASE = "defaults"  # ``base: defaults``: start from the schema defaults themselves
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a config comes from: a YAML file or a packaged preset."""
+
+    label: str  # as messages name it: the path, or "preset NAME"
+    identity: str  # the same for every way of naming it (cycle detection)
+    text: str
+    folder: Path | None  # a file's folder: relative bases resolve against it
+
+
+def _locate(name_or_path: str, folder: Path | None = None) -> _Source:
+    path = Path(name_or_path)
+    if folder is not None and not path.is_absolute():
+        path = folder / path
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        text = path.read_text()
-    else:
-        res = resources.files("hjepa") / "configs" / f"{name_or_path}.yaml"
-        if not res.is_file():
-            raise ConfigError(
-                f"unknown preset '{name_or_path}'; presets: {', '.join(preset_names())}"
-                " (or give a path to a .yaml file)"
-            )
-        text = res.read_text()
-    tree = _parse_yaml(text, str(path) if res is None else f"preset {name_or_path}") or {}
+        return _Source(str(path), str(path.resolve()), path.read_text(), path.resolve().parent)
+    res = resources.files("hjepa") / "configs" / f"{name_or_path}.yaml"
+    if not res.is_file():
+        raise ConfigError(
+            f"unknown preset '{name_or_path}'; presets: {', '.join(preset_names())}"
+            f" (or give a path to a .yaml file, or '{NO_BASE}' for the schema defaults)"
+        )
+    return _Source(f"preset {name_or_path}", f"preset {name_or_path}", res.read_text(), None)
+
+
+def _resolve(source: _Source, chain: tuple[_Source, ...] = ()) -> dict[str, Any]:
+    """The flat ``{dotted key: value}`` a config file stands for, its bases merged under it.
+
+    A file that starts with ``base: PRESET_OR_PATH`` holds only its changes to that base
+    (which may name a base of its own). A file without ``base:`` must set every key, as the
+    resolved config a run writes does: a partial file would otherwise start from the bare
+    schema defaults, which is rarely what its author meant.
+    """
+    chain = (*chain, source)
+    tree = _parse_yaml(source.text, source.label) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"config {name_or_path} must be a mapping of sections")
-    return tree
+        raise ConfigError(f"config {source.label} must be a mapping of sections")
+    base = tree.pop("base", None)
+    flat = _flatten(tree)
+    scratch = Config()
+    for key, value in flat.items():  # unknown keys and bad types, named with the file
+        try:
+            _set(scratch, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source.label}: {e}") from None
+    if base is None:
+        missing = [k for k in SCHEMA if k not in flat]
+        if missing:
+            raise ConfigError(
+                f"{source.label} sets {len(SCHEMA) - len(missing)} of {len(SCHEMA)} keys and names"
+                " no base: start it with 'base: quickstart' (or another preset or a YAML path) to"
+                f" take the rest from there, or 'base: {NO_BASE}' for the schema defaults"
+            )
+        return flat
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{source.label}: base must name a preset or a YAML file, got {base!r}")
+    if base == NO_BASE:
+        return flat
+    parent = _locate(base, source.folder)
+    if any(parent.identity == c.identity for c in chain):
+        names = " -> ".join(c.label for c in (*chain, parent))
+        raise ConfigError(f"config bases form a cycle: {names}")
+    return {**_resolve(parent, chain), **flat}
+
+
+def resolve_config_file(name_or_path: str) -> dict[str, Any]:
+    """The flat ``{dotted key: value}`` of a preset or YAML file with its ``base:`` chain."""
+    return _resolve(_locate(name_or_path))
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -654,7 +709,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     """Schema defaults <- preset/YAML file <- ``key=value`` overrides, then validation."""
     cfg = Config()
     if preset:
-        for key, value in _flatten(_read_yaml(preset)).items():
+        for key, value in resolve_config_file(preset).items():
             _set(cfg, key, value)
     for item in overrides:
         _set(cfg, *parse_override(item))
