@@ -455,19 +455,7 @@ def _schema_keys(cls: type, prefix: str = "") -> list[Key]:
             keys += _schema_keys(tp, f"{prefix}{f.name}.")
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        m = f.metadata
-        keys.append(
-            Key(
-                f"{prefix}{f.name}",
-                tp,
-                default,
-                m["help"],
-                m["bounds"],
-                m["pair"],
-                m["nonempty"],
-                m["refusal"],
-            )
-        )
+        keys.append(Key(f"{prefix}{f.name}", tp, default, **f.metadata))
     return keys
 
 
@@ -488,8 +476,8 @@ MINIMUM: dict[str, float] = {
 }
 
 
-def valid_keys(cfg: Config | None = None) -> list[str]:
-    """Every dotted key of the schema, in its order (``cfg`` is accepted for old callers)."""
+def valid_keys() -> list[str]:
+    """Every dotted key of the schema, in its order."""
     return list(SCHEMA)
 
 
@@ -521,8 +509,7 @@ def _closest_key(key: str, options: list[str]) -> str | None:
 
 def _unknown(key: str, options: list[str]) -> ConfigError:
     close = _closest_key(key, options)
-    close = [close] if close else []
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+    hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(options)}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -572,11 +559,11 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     for part in path:  # walk sections and nested groups (data -> augment)
         child = getattr(node, part) if part in typing.get_type_hints(type(node)) else None
         if not dataclasses.is_dataclass(child):
-            raise _unknown(key, valid_keys(cfg))
+            raise _unknown(key, valid_keys())
         node = child
     hints = typing.get_type_hints(type(node))
     if not path or name not in hints:
-        raise _unknown(key, valid_keys(cfg))
+        raise _unknown(key, valid_keys())
     if dataclasses.is_dataclass(getattr(node, name)):
         if not isinstance(value, dict):  # a group: 'data.augment={mixup: 0.2}' sets its keys
             first = next(k for k in SCHEMA if k.startswith(f"{key}.")).rsplit(".", 1)[-1]
@@ -804,9 +791,11 @@ def expected_context(cfg: Config) -> float:
 
 
 def _check_masks_feasible(cfg: Config) -> None:
-    """Refuse mask settings no draw can satisfy: even with the largest context square and the
-    smallest target block pushed into the opposite corner, fewer than ``min_context`` tokens
-    would be left. (This bound is never too strict; the trainer also draws once at start.)
+    """Refuse mask settings that leave no room for a context. First the settings no draw can
+    satisfy: even with the largest context square and the smallest target block pushed into
+    the opposite corner, fewer than ``min_context`` tokens would be left. Then those whose
+    draws leave fewer than ``min_context`` on average (:func:`expected_context`): all target
+    blocks together cover the context, and the sampler would redraw nearly every sample.
 
     A ``h x w`` block and a ``c x c`` square in a ``G x G`` grid overlap in at least
     ``max(0, h + c - G) * max(0, w + c - G)`` tokens.
