@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved config as YAML and exit (nothing is created or read)",
+        help="print the resolved config as YAML and exit (no run folder, no data read)",
     )
     p.set_defaults(func=_train)
 

@@ -405,6 +405,10 @@ class EvalConfig:
     robustness: bool = setting(True, "probe a corrupted test set (8 corruptions x 5 severities)")
     robustness_limit: int = setting(2000, "test images corrupted (0: the whole test set)", ge=0)
     transfer: list[str] = setting([], "other datasets to probe: 'digits' or 'image_folder:PATH'")
+    cache: bool = setting(
+        True, "reuse the baselines (pixels, random init) from a cache of earlier evaluations"
+    )
+    cache_dir: str = setting("", "folder of that cache ('': $HJEPA_CACHE_DIR or ~/.cache/hjepa)")
 
 
 @dataclass
