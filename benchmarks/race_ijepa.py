@@ -184,8 +184,11 @@ class Official:
 
 
 # -- measurement -------------------------------------------------------------------------------
-def official_inputs(x, index, *_):
-    """Our batch in the official format: the context and one index tensor per target block."""
+def official_inputs(_micro, _images, drawn):
+    """Our batch (``Ours.draw``: micro-batch number, raw images, the input pipeline's augmented
+    images and mask indices) in the official format: the context and one index tensor per
+    target block."""
+    x, index = drawn[0], drawn[1]
     targets = index.blocks[0]
     return x, [index.context], [targets[:, m] for m in range(targets.shape[1])]
 
