@@ -33,8 +33,9 @@ class Variant:
     overrides: tuple[str, ...]
 
 
-#: The seed review's study: its two critical bugs, each fix, then SIGReg on top of both fixes.
-#: ``loss.regularizer`` is explicit because presets (quickstart) may switch SIGReg on.
+#: The review study: a reviewed H-JEPA code base's two critical bugs, each fix, then SIGReg on
+#: top of both fixes. ``loss.regularizer`` is explicit because presets (quickstart) may switch
+#: SIGReg on.
 REVIEW_STUDY: tuple[Variant, ...] = (
     Variant(
         "baseline",
