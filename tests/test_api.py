@@ -21,6 +21,7 @@ from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import STATS, channel_stats, to_input
 from hjepa.encoder import Encoder
 from hjepa.eval.features import iter_batches, run_features
+from hjepa.export import export_run
 from hjepa.models.hjepa import build_encoder, level_features
 from hjepa.models.vit import VisionTransformer
 from hjepa.train.trainer import train
@@ -243,3 +244,20 @@ def test_the_documented_example_runs(run, tmp_path, monkeypatch, capsys):
     exec(compile(example, str(DOCS), "exec"), {})
     printed = capsys.readouterr().out
     assert printed.strip() == "torch.Size([8, 64, 32]) torch.Size([8, 96]) torch.Size([8, 32])"
+
+
+def test_conv_stem_encoder_loads_the_same_from_every_path(tmp_path, test_set):
+    run = tmp_path / "conv"
+    train(load_config(None, [*TINY, f"run.dir={run}", "train.max_steps=1", "model.stem=conv"]))
+    weights, _ = export_run(run)
+    last = run / "checkpoints" / "last.pt"
+    u8 = _uint8_images(test_set)
+    cfg = load_config(None, [*TINY, f"run.dir={run}", "model.stem=conv"])
+    vit = build_encoder(cfg.model, 32, 1)
+    vit.load_state_dict(ckpt.load_checkpoint(last)["target_encoder"])
+    mean, std = channel_stats("synthetic", 1)
+    expected = run_features(vit, test_set, cfg, mean, std, "cpu")[0]["concat"]
+    for source in (run, last, weights):
+        encoder = hjepa.load_encoder(source)
+        assert encoder.channels == 1
+        assert torch.equal(_batched(encoder, u8.float() / 255, "concat"), expected), source

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hjepa import rundir
 from hjepa.config import Config, ConfigError, level_weights
 from hjepa.data.datasets import check_first_image, dataset_from_config
 from hjepa.data.loader import EpochLoader
@@ -32,7 +33,7 @@ from hjepa.losses.combined import Objective
 from hjepa.models.hjepa import HJEPA
 from hjepa.models.vit import attention_backend
 from hjepa.train import checkpoint as run_checkpoint
-from hjepa.train import distributed, sizes
+from hjepa.train import console, distributed, sizes
 from hjepa.train.ema import ema_update
 from hjepa.train.inputs import InputPipeline
 from hjepa.train.logging import MetricsLogger
@@ -263,6 +264,10 @@ class Trainer:
         t, run = self.cfg.train, self.cfg.run
         resumed = run_checkpoint.prepare_run_dir(self)
         main = self.dist.is_main  # rank 0 alone logs, probes and writes checkpoints
+        if main:  # every invocation, resumes included, next to config.yaml
+            rundir.record_invocation(
+                self.run_dir, self.device, step=self.step, world_size=self.dist.world_size
+            )
         logger = (
             MetricsLogger(self.run_dir, tensorboard=run.tensorboard)
             if main
@@ -279,7 +284,7 @@ class Trainer:
         last: dict = {}
         if self.step >= end:
             return last
-        progress = _progress(run.progress and main, self.step, self.total_steps)
+        progress = console.progress_bar(run.progress and main, self.step, self.total_steps)
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
         for micro_batches in self.step_batches():
@@ -305,9 +310,10 @@ class Trainer:
             if probe_now and main:
                 probed = probe(self.model.target_encoder)
                 logger.log(self.step, "probe", probed)
+                console.say(console.probe_line(self.step, probed))
                 warning = collapse_warning(self.step, probed)
                 if warning:
-                    print(warning, file=sys.stderr)
+                    console.say(warning, file=sys.stderr)
                 self.model.train()
             if main and (finished or self.step % run.checkpoint_every == 0):
                 self.save()
@@ -325,7 +331,7 @@ class Trainer:
                 "optim.lr, check the data for NaN/inf, or set train.nonfinite=skip"
             )
         if self.dist.is_main:
-            print(f"step {self.step}: skipped, {reason}", file=sys.stderr)
+            console.say(f"step {self.step}: skipped, {reason}", file=sys.stderr)
             logger.log(
                 self.step, "nonfinite", {"reason": reason, "skipped_steps": self.skipped_steps}
             )
@@ -392,16 +398,11 @@ def _training_set(cfg: Config, device: torch.device) -> Dataset:
     return train_set
 
 
-def _progress(enabled: bool, initial: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-
 def train(cfg: Config) -> Trainer:
     trainer = Trainer(cfg)
     try:
-        trainer.fit()
+        with console.warnings_above():  # above the progress bar, not into it
+            trainer.fit()
         distributed.barrier(trainer.dist)  # every rank done, rank 0's last checkpoint written
     finally:
         # Drop DDP before the process group goes: its reducer holds the group, and a Gloo group
