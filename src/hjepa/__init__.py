@@ -1,7 +1,7 @@
 """hjepa: hierarchical Joint-Embedding Predictive Architecture for self-supervised learning.
 
-``import hjepa`` stays light (no torch): :func:`load_encoder` and :class:`Encoder` are
-imported from :mod:`hjepa.encoder` on first use.
+``import hjepa`` stays light (no torch): :func:`load_encoder` (:mod:`hjepa.load`) and
+:class:`Encoder` (:mod:`hjepa.encoder`) are imported on first use.
 """
 
 from importlib import metadata as _metadata
@@ -11,7 +11,7 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-_LAZY = {"load_encoder": "hjepa.encoder", "Encoder": "hjepa.encoder"}
+_LAZY = {"load_encoder": "hjepa.load", "Encoder": "hjepa.encoder"}
 
 __all__ = ["__version__", "load_encoder", "Encoder"]
 

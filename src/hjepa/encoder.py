@@ -1,4 +1,4 @@
-"""``hjepa.load_encoder``: a trained target encoder as a ready-to-use ``nn.Module``.
+"""A trained target encoder as a ready-to-use ``nn.Module`` (what ``hjepa.load_encoder`` returns).
 
 The module takes images as they come (float in [0, 1], or uint8), applies the normalisation of
 the data it was trained on and the resize to its own image size, and returns either the
@@ -8,8 +8,6 @@ pooled_features`), so one checkpoint gives one set of features however it was lo
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -136,37 +134,4 @@ def encoder_from_state(
     ).eval()
 
 
-def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> Encoder:
-    """The trained target encoder of ``path``, in eval mode, ready for images in [0, 1].
-
-    ``path`` is a run directory (its ``checkpoints/last.pt``), a checkpoint file (``.pt``)
-    or an exported encoder (``.safetensors`` or its ``.json`` card, from ``hjepa export``).
-    The same weights give the same features whichever of them they come from. Example::
-
-        enc = hjepa.load_encoder("runs/quickstart")
-        with torch.no_grad():
-            feats = enc.features(images)  # images [B, C, H, W] in [0, 1]
-    """
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        from hjepa.export import load_exported
-
-        return load_exported(path, map_location)
-    if path.is_dir():
-        path = ckpt.checkpoint_dir(path) / ckpt.LAST
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: give a run directory of hjepa train, a checkpoint .pt "
-                "or an exported .safetensors"
-            )
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    state = ckpt.load_checkpoint(path, map_location=map_location)
-    if "target_encoder" not in state or "config" not in state:
-        raise ckpt.CheckpointError(f"checkpoint {path} holds no target encoder and config")
-    return encoder_from_state(
-        state["target_encoder"], state["config"], step=int(state["step"]), source=str(path)
-    ).to(map_location)
-
-
-__all__ = ["Encoder", "load_encoder", "encoder_from_state"]
+__all__ = ["Encoder", "encoder_from_state"]

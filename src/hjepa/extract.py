@@ -20,9 +20,10 @@ import torch
 from hjepa import checkpoint as ckpt
 from hjepa.data.datasets import dataset_from_config
 from hjepa.device import pick_device
-from hjepa.encoder import CONCAT, load_encoder
+from hjepa.encoder import CONCAT
 from hjepa.eval.features import iter_batches
 from hjepa.eval.runner import load_run_config
+from hjepa.load import load_encoder
 from hjepa.rundir import checkpoint_path
 
 SPLITS = ("train", "test")
