@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import warnings
 
 import torch
 
 import hjepa
-from hjepa.rundir import git_commit, read_invocations
+from hjepa.rundir import command_line, git_commit, read_invocations
 from hjepa.train import console
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import train
@@ -26,7 +27,7 @@ def test_run_dir_records_every_invocation(tiny_config, tmp_path):
         assert r["hjepa"] == hjepa.__version__ and r["torch"] == torch.__version__
         assert r["device"] == "cpu" and r["host"] and r["world_size"] == 1
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", r["start_time"])
-        assert isinstance(r["command"], list) and r["command"]
+        assert r["command"] == command_line() and r["python_executable"] == sys.executable
     assert records[0]["git"] == git_commit()
     assert (tmp_path / "run" / "config.yaml").read_text() == config_text
 
@@ -86,3 +87,10 @@ def test_the_terminal_shows_the_online_knn(tiny_config, tmp_path, capsys):
         pieces = _pieces_with(captured.out, shown)
         assert pieces == [shown], (shown, captured.out)  # a line of its own, above the bar
     assert "%|" in captured.err
+
+
+def test_command_line_as_typed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/x/site-packages/hjepa/__main__.py", "train", "a.b=1"])
+    assert command_line() == ["python", "-m", "hjepa", "train", "a.b=1"]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/hjepa", "train", "--config", "fmnist"])
+    assert command_line() == ["hjepa", "train", "--config", "fmnist"]

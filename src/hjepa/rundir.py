@@ -72,11 +72,19 @@ def hjepa_version() -> str:
     return __version__
 
 
+def command_line() -> list[str]:
+    """``sys.argv`` as typed: ``hjepa train ...``, or ``python -m hjepa train ...``."""
+    program = Path(sys.argv[0]).name
+    head = ["python", "-m", "hjepa"] if program == "__main__.py" else [program]
+    return [*head, *sys.argv[1:]]
+
+
 def invocation_record(device: Any, *, step: int, world_size: int = 1) -> dict[str, Any]:
     """What :func:`record_invocation` writes, as a dict."""
     record: dict[str, Any] = {
         "start_time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": command_line(),
+        "python_executable": sys.executable,
         "cwd": os.getcwd(),
         "start_step": step,
         "hjepa": hjepa_version(),
