@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``fn()``. On a shared machine the wall time of a phase
+    depends on who else runs; the CPU seconds our process spends mostly do not."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,45 +62,55 @@ def main(argv: list[str] | None = None) -> int:
         knn_every = cfg.train.knn_every
         cfg.train.knn_every = 0  # probes are timed apart and added per probe the preset runs
         trainer = Trainer(cfg)
-
-        def fit(steps: int) -> float:
-            trainer.cfg.train.stop_after = steps
-            return _timed(trainer.fit)
-
-        fit(2)  # warm-up
-        short, long = fit(2), fit(2 + args.steps)
-        step_s = (long - short) / args.steps
-        probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
-        probe(trainer.model.target_encoder)
-        probe_s = _timed(lambda: probe(trainer.model.target_encoder))
         total = trainer.total_steps
         # The preset probes every knn_every steps and after the last one.
         probes = total // knn_every + (total % knn_every != 0) if knn_every else 1
-        train_s = total * step_s + probes * probe_s
-        report["train"] = {
-            "steps": total,
-            "step_s": step_s,
-            "images_per_s": cfg.train.batch_size / step_s,
-            "probe_s": probe_s,
-            "probes": probes,
-            "projected_s": train_s,
-        }
+        probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
+
+        def fit(steps: int) -> tuple[float, float]:
+            trainer.cfg.train.stop_after = steps
+            return _timed(trainer.fit)
+
+        def training() -> tuple[float, float]:
+            """Projected (wall, CPU) seconds of the whole preset's training."""
+            short, long = fit(2), fit(2 + args.steps)
+            per_probe = _timed(lambda: probe(trainer.model.target_encoder))
+            return tuple(
+                total * (long[i] - short[i]) / args.steps + probes * per_probe[i] for i in range(2)
+            )
+
+        fit(2)  # warm-up
+        probe(trainer.model.target_encoder)  # loads the probe's data
+        before = training()
         cache = [f"eval.cache_dir={Path(tmp) / 'cache'}"]
-
-        def evaluate(*overrides: str) -> tuple[float, dict]:
-            spent = _timed(lambda: evaluate_run(run, overrides=overrides, progress_bar=False))
-            return spent, json.loads((run / "eval.json").read_text())["seconds"]
-
-        report["eval"], report["eval_over_train"] = {}, {}
         runs = (
             {"cold": cache, "warm": cache}
             if args.cold
             else {"warm_equivalent": ["eval.baselines=false"]}
         )
+        spent = {}
         for name, overrides in runs.items():
-            spent, parts = evaluate(*overrides)
-            report["eval"][name] = {"s": spent, "parts_s": parts}
-            report["eval_over_train"][name] = spent / train_s
+            spent[name] = _timed(
+                lambda o=overrides: evaluate_run(run, overrides=o, progress_bar=False)
+            )
+            parts = json.loads((run / "eval.json").read_text())["seconds"]
+            report.setdefault("eval", {})[name] = {
+                "wall_s": spent[name][0],
+                "cpu_s": spent[name][1],
+                "parts_wall_s": parts,
+            }
+        after = training()  # training timed on both sides of the evaluation
+        train = [(before[i] + after[i]) / 2 for i in range(2)]
+        report["train"] = {
+            "steps": total,
+            "probes": probes,
+            "projected_wall_s": {"before_eval": before[0], "after_eval": after[0]},
+            "projected_cpu_s": {"before_eval": before[1], "after_eval": after[1]},
+            "images_per_s_wall": total * cfg.train.batch_size / (train[0] or 1.0),
+        }
+        report["eval_over_train"] = {
+            name: {"wall": w / train[0], "cpu": c / train[1]} for name, (w, c) in spent.items()
+        }
     if args.ijepa is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from race_ijepa import BATCH, Official, Ours, official_inputs
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         for _ in range(5):
             inputs = official_inputs(*drawer.draw())
-            times.append(_timed(lambda inputs=inputs: official.model_step(inputs)))
+            times.append(_timed(lambda inputs=inputs: official.model_step(inputs))[0])
         report["official_step_images_per_s"] = BATCH / sorted(times)[len(times) // 2]
     print(json.dumps(report, indent=2))
     return 0
