@@ -150,7 +150,8 @@ class TrainConfig:
     )
     ema_timing: Literal["after_step", "before_step"] = setting(
         "after_step",
-        "when the EMA update runs: after optimizer.step, or before_step (an ablation setting)",
+        "after_step: EMA after optimizer.step; before_step: an ablation"
+        " (experiments/reproductions.py)",
     )
     log_every: int = setting(
         20, "optimizer steps between training-loss records in metrics.jsonl", ge=1
@@ -343,7 +344,8 @@ class MaskingConfig:
     )
     scale_mode: Literal["constant", "gentle", "geometric"] = setting(
         "constant",
-        "target blocks per level: constant (one image fraction at every level); others: ablation",
+        "constant: all levels reuse the level-0 targets; gentle, geometric:"
+        " experiments/reproductions.py",
     )
     min_context: int = setting(4, "fewest context tokens a mask may leave; fewer are redrawn", ge=1)
 
