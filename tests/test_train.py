@@ -259,7 +259,7 @@ def test_cli_reports_bad_config_without_traceback(capsys):
 
 
 def test_resume_accepts_a_checkpoint_written_before_new_config_keys(tiny_config, tmp_path):
-    Trainer(tiny_config("train.max_steps=1")).fit()
+    Trainer(tiny_config("train.max_steps=2", "train.stop_after=1")).fit()
     last = tmp_path / "run/checkpoints/last.pt"
     state = torch.load(last, weights_only=True)
     del state["config"]["model"]["levels"]  # as if written before the key existed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from hjepa import __version__
@@ -11,13 +12,19 @@ from hjepa.config import ConfigError, dump_yaml, load_config, preset_names
 
 
 def _train(args: argparse.Namespace) -> int:
-    from hjepa.train.trainer import train
+    from hjepa.train.trainer import TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:  # before train(): no run folder, no data
         print(dump_yaml(cfg), end="")
         return 0
-    trainer = train(cfg)
+    try:
+        trainer = train(cfg, allow_config_change=args.allow_config_change)
+    except TrainingInterrupted as stop:
+        if stop.is_main:  # one line per job, not per torchrun rank
+            again = shlex.join(["hjepa", *args.argv])
+            print(f"hjepa train: {stop.describe()}; resume with: {again}", file=sys.stderr)
+        return stop.exit_code
     if trainer.dist.is_main:  # one line per job, not per torchrun rank
         print(f"trained {trainer.step}/{trainer.total_steps} steps; run dir: {cfg.run.dir}")
     return 0
@@ -155,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain (resumes when run.dir has a checkpoint)")
     p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume run.dir although the config changes its recipe (recorded in "
+        "config_history.yaml)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
     p.add_argument(
         "--print-config",
@@ -257,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # the command line, for the resume hint of an interrupted run
     # argparse takes positionals in one run, so `eval RUN --flag key=value` leaves key=value
     # over: hand such items to the command's overrides; anything else is still an error.
     if extra:
@@ -285,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only or missing run directory, ...
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (setup, eval, ...)
+        print(f"hjepa {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

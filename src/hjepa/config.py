@@ -175,6 +175,9 @@ class TrainConfig:
     compile: bool = setting(
         False, "torch.compile the encoders and the predictor (faster steps on a GPU)"
     )
+    init_from: str = setting(
+        "", "a new run starts from this run dir's (or checkpoint file's) encoder weights"
+    )
 
 
 @dataclass

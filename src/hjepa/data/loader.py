@@ -12,6 +12,7 @@ never loaded.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hjepa.data.tensors import ImageTensors
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Decoding workers leave Ctrl-C to the trainer: the terminal sends SIGINT to the whole
+    process group, and a worker that died of it would break the step the trainer finishes.
+    (SIGTERM keeps its default: DataLoader itself uses it to end workers that hang.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -116,6 +124,7 @@ class EpochLoader:
                 drop_last=drop_last,
                 num_workers=num_workers,
                 persistent_workers=num_workers > 0,
+                worker_init_fn=_ignore_ctrl_c if num_workers else None,
                 pin_memory=self.pin_memory,
                 # Its own generator: DataLoader otherwise draws a worker seed from the
                 # global RNG on every epoch, shifting every later random number.

@@ -13,25 +13,11 @@ from typing import TYPE_CHECKING
 
 from hjepa import checkpoint as ckpt
 from hjepa.config import ConfigError, dump_yaml, from_dict
-from hjepa.train import distributed
+from hjepa.train import distributed, recipe
 from hjepa.train.logging import truncate_after
 
 if TYPE_CHECKING:
     from hjepa.train.trainer import Trainer
-
-
-def _arch(cfg_dict: dict) -> dict:
-    """What must match between a run's config and a checkpoint it resumes.
-
-    The stored config goes through the schema first, so keys added to the schema since the
-    checkpoint was written take their defaults instead of counting as a change.
-    """
-    cfg_dict = from_dict(cfg_dict).to_dict()
-    return {
-        "data.name": cfg_dict["data"]["name"],
-        "data.image_size": cfg_dict["data"]["image_size"],
-        "model": cfg_dict["model"],
-    }
 
 
 def state_dict(trainer: Trainer) -> dict:
@@ -53,17 +39,9 @@ def state_dict(trainer: Trainer) -> dict:
 
 
 def load_state_dict(trainer: Trainer, state: dict) -> None:
-    """Load ``state`` into ``trainer``; :class:`ConfigError` when its architecture differs."""
-    run_dir, model = trainer.run_dir, trainer.model
-    if _arch(state["config"]) != _arch(trainer.cfg.to_dict()):
-        raise ConfigError(
-            f"{run_dir} holds a run with a different architecture; "
-            "use a new run.dir or the same model/data settings"
-        )
-    model.context_encoder.load_state_dict(state["context_encoder"])
-    model.target_encoder.load_state_dict(state["target_encoder"])
-    model.predictor.load_state_dict(state["predictor"])
-    model.heads.load_state_dict(state["heads"])
+    """Continue the run ``state`` holds in ``trainer``: :class:`ConfigError` (a
+    :class:`recipe.RecipeChangeError` for a changed recipe) before any weight is touched."""
+    run_dir, model, cfg = trainer.run_dir, trainer.model, trainer.cfg
     optional = model.optional_modules()
     if "view_projector" in state and "view_projector" not in optional:
         raise ConfigError(
@@ -74,12 +52,23 @@ def load_state_dict(trainer: Trainer, state: dict) -> None:
         raise ConfigError(
             f"{run_dir} was trained with loss.contrastive=true: resume with it or use a new run.dir"
         )
-    for name, module in optional.items():
+    for name in optional:
         if name not in state:
             raise ConfigError(
                 f"{run_dir} was trained without the {name} of this config "
                 "(model.fpn / data.multicrop.num_local / loss.contrastive): use a new run.dir"
             )
+    trainer.run_only_changes, trainer.recipe_changes = recipe.check_resume(
+        state["config"], cfg, run_dir, allow=trainer.allow_config_change
+    )
+    stored_init = state["config"].get("train", {}).get("init_from", "")
+    if stored_init and not cfg.train.init_from:  # keep the run's record of where it started
+        cfg.train.init_from = stored_init
+    model.context_encoder.load_state_dict(state["context_encoder"])
+    model.target_encoder.load_state_dict(state["target_encoder"])
+    model.predictor.load_state_dict(state["predictor"])
+    model.heads.load_state_dict(state["heads"])
+    for name, module in optional.items():
         module.load_state_dict(state[name])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
@@ -95,6 +84,15 @@ def write(trainer: Trainer) -> None:
     keep = trainer.cfg.run.keep_every
     if keep and trainer.step % keep == 0:
         ckpt.atomic_save(state, directory / f"step_{trainer.step:08d}.pt")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume (usable or not)."""
+    return bool(ckpt.candidates(run_dir))
+
+
+def last_path(run_dir: Path) -> Path:
+    return ckpt.checkpoint_dir(run_dir) / ckpt.LAST
 
 
 def last_good(run_dir: Path, saved_step: int | None) -> str:
@@ -115,7 +113,7 @@ def restore(trainer: Trainer, path: Path) -> None:
     try:
         load_state_dict(trainer, state)
     except ConfigError:
-        raise  # the user changed the architecture: no older checkpoint would fit either
+        raise  # the user changed the recipe: no older checkpoint would fit either
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ckpt.CheckpointError(
@@ -124,9 +122,13 @@ def restore(trainer: Trainer, path: Path) -> None:
 
 
 def prepare_run_dir(trainer: Trainer) -> bool:
-    """Write the resolved config; resume from the newest usable checkpoint, if any.
+    """Resume from the newest usable checkpoint, if any; a new run writes its config.
 
-    Returns whether the trainer resumed; its ``step`` and ``saved_step`` then say from where.
+    The checkpoint (and the recipe check against its config) comes first: a refused resume
+    leaves every file of the run dir as it was. A resume never rewrites ``config.yaml`` (the
+    recipe the run started with); a change it was allowed to make is appended to
+    ``config_history.yaml``. Returns whether the trainer resumed; its ``step`` and
+    ``saved_step`` then say from where.
     """
     run_dir, env = trainer.run_dir, trainer.dist
     if not env.is_main:  # rank 0 tidies the run dir and resumes first, then the rest
@@ -134,6 +136,7 @@ def prepare_run_dir(trainer: Trainer) -> bool:
         resumed = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p)) is not None
         trainer.saved_step = trainer.step if resumed else None
         return resumed
+    restored = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt.remove_stale_temp(ckpt.checkpoint_dir(run_dir))
@@ -143,12 +146,16 @@ def prepare_run_dir(trainer: Trainer) -> bool:
         ) from e
     if stale:
         print(f"removed {len(stale)} partial checkpoint(s) of a killed run", file=sys.stderr)
-    resumed = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p)) is not None
-    if resumed:
+    if restored is not None:
         trainer.saved_step = trainer.step
     # Also on a fresh start: drop records of a run killed before its first checkpoint.
     truncate_after(run_dir, trainer.step)
-    config_text = dump_yaml(trainer.cfg).encode()
-    ckpt.atomic_write(run_dir / "config.yaml", lambda f: f.write(config_text), "config")
+    config_path = run_dir / "config.yaml"
+    if restored is None or not config_path.is_file():
+        config_text = dump_yaml(trainer.cfg).encode()
+        ckpt.atomic_write(config_path, lambda f: f.write(config_text), "config")
+    if trainer.recipe_changes:
+        entry = recipe.history_entry(trainer.step, trainer.recipe_changes, restored)
+        recipe.append_history(run_dir, entry)
     distributed.barrier(env)
-    return resumed
+    return restored is not None

@@ -177,3 +177,12 @@ def sum_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
     total = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def max_over_ranks(value: int, env: DistEnv, device: torch.device) -> int:
+    """Largest of a per-rank integer (e.g. a stop signal seen); every rank must call it."""
+    if not env.enabled:
+        return value
+    top = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top.item())

@@ -33,13 +33,15 @@ from hjepa.losses.combined import Objective
 from hjepa.models.hjepa import HJEPA
 from hjepa.models.vit import attention_backend
 from hjepa.train import checkpoint as run_checkpoint
-from hjepa.train import console, distributed, sizes
+from hjepa.train import console, distributed, recipe, sizes
 from hjepa.train.ema import ema_update
 from hjepa.train.inputs import InputPipeline
+from hjepa.train.interrupt import StopSignals, TrainingInterrupted
 from hjepa.train.logging import MetricsLogger
 from hjepa.train.monitor import OnlineProbe, collapse_warning
 from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, linear, warmup_cosine
+from hjepa.train.warm_start import WarmStart, load_init_weights
 
 GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
 
@@ -64,8 +66,12 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """One run. ``allow_config_change``: resume even when the config changes the recipe of the
+    run in ``run.dir`` (recorded in ``config_history.yaml``); see :mod:`hjepa.train.recipe`."""
+
+    def __init__(self, cfg: Config, allow_config_change: bool = False):
         self.cfg = cfg
+        self.allow_config_change = allow_config_change
         t, d = cfg.train, cfg.data
         self.run_dir = Path(cfg.run.dir)
         self.dist, self.device = distributed.setup(pick_device(t.device))
@@ -109,6 +115,9 @@ class Trainer:
             ),
         ).to(self.device)
         self.shared_target = self.model.shared_target  # EMA-free: no target copy, no EMA
+        self.warm_start: WarmStart | None = None  # what train.init_from copied (a new run)
+        if t.init_from and not run_checkpoint.has_checkpoint(self.run_dir):  # its own one wins
+            self.warm_start = load_init_weights(self.model, cfg, self.device)
         if t.compile:  # in place: state dict keys stay those of the plain modules
             for module in {self.model.context_encoder, self.model.target_encoder}:
                 module.compile(dynamic=True)  # token counts change every step
@@ -143,6 +152,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite=skip)
         self.saved_step: int | None = None  # step of the newest complete checkpoint on disk
+        self.run_only_changes: list[recipe.Change] = []  # accepted differences on resume
+        self.recipe_changes: list[recipe.Change] = []  # allowed (allow_config_change) ones
 
     # -- schedules -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -260,7 +271,25 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train until ``total_steps`` (or ``stop_after`` more steps); returns the last metrics."""
+        """Train until ``total_steps`` (or ``stop_after`` more steps); returns the last metrics.
+
+        SIGINT/SIGTERM end the run after the current optimizer step, with a checkpoint:
+        :class:`TrainingInterrupted` (see :mod:`hjepa.train.interrupt`).
+        """
+        with StopSignals() as stop:
+            return self._fit(stop)
+
+    def _interrupted(self, signum: int, progress, logger) -> TrainingInterrupted:
+        """Save the step just finished (rank 0, unless saved already), then every rank stops."""
+        if self.dist.is_main and self.step and self.saved_step != self.step:
+            self.save()
+        progress.close()
+        logger.close()
+        distributed.barrier(self.dist)
+        last = run_checkpoint.last_path(self.run_dir) if self.saved_step is not None else None
+        return TrainingInterrupted(signum, self.step, self.total_steps, last, self.dist.is_main)
+
+    def _fit(self, stop: StopSignals) -> dict:
         t, run = self.cfg.train, self.cfg.run
         resumed = run_checkpoint.prepare_run_dir(self)
         main = self.dist.is_main  # rank 0 alone logs, probes and writes checkpoints
@@ -280,11 +309,22 @@ class Trainer:
         if main and self.step < end and (t.knn_every or end == self.total_steps):
             probe.datasets()  # a missing or damaged test split fails now, not after training
         if resumed and main:
-            print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps}")
+            also = self.run_only_changes + self.recipe_changes
+            shown = f" ({', '.join(map(str, also))})" if also else ""
+            print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps}{shown}")
+        if self.recipe_changes:
+            changes = {c.key: [c.old, c.new] for c in self.recipe_changes}
+            logger.log(self.step, "config_change", {"changes": changes, "file": recipe.HISTORY})
+        if self.warm_start is not None and main:
+            print(self.warm_start.describe())
+            logger.log(self.step, "init_from", self.warm_start.record())
         last: dict = {}
         if self.step >= end:
             return last
         progress = console.progress_bar(run.progress and main, self.step, self.total_steps)
+        signum = stop.agreed(self.dist, self.device)
+        if signum:  # a signal during setup: nothing new to save
+            raise self._interrupted(signum, progress, logger)
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
         for micro_batches in self.step_batches():
@@ -319,6 +359,9 @@ class Trainer:
                 self.save()
             if finished:
                 break
+            signum = stop.agreed(self.dist, self.device)  # every rank: the same answer
+            if signum:
+                raise self._interrupted(signum, progress, logger)
         progress.close()
         logger.close()
         return last
@@ -398,8 +441,9 @@ def _training_set(cfg: Config, device: torch.device) -> Dataset:
     return train_set
 
 
-def train(cfg: Config) -> Trainer:
-    trainer = Trainer(cfg)
+def train(cfg: Config, allow_config_change: bool = False) -> Trainer:
+    """Train ``cfg`` (resuming its run dir); :class:`TrainingInterrupted` on SIGINT/SIGTERM."""
+    trainer = Trainer(cfg, allow_config_change=allow_config_change)
     try:
         with console.warnings_above():  # above the progress bar, not into it
             trainer.fit()
@@ -414,4 +458,4 @@ def train(cfg: Config) -> Trainer:
     return trainer
 
 
-__all__ = ["Trainer", "StepResult", "train", "NonFiniteLossError"]
+__all__ = ["Trainer", "StepResult", "train", "NonFiniteLossError", "TrainingInterrupted"]
