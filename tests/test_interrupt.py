@@ -132,3 +132,50 @@ def test_more_signals_while_saving_are_ignored_until_the_checkpoint_is_in_place(
     assert _steps(run) == list(range(1, step + 1))
     Trainer(load_config("quickstart", [*ARGS, f"run.dir={run}"])).fit()
     _assert_same_run(run, reference)
+
+
+DDP_ARGS = [*ARGS, "train.batch_size=16", "train.device=cpu", "train.knn_bank_size=32"]
+
+
+def _signalled_rank(rank: int, world: int, port: int, run_dir: str) -> None:
+    """A torchrun-style rank of the real command line; rank 1 alone gets SIGTERM mid-run."""
+    import threading
+
+    from hjepa.cli import main
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    sys.stderr = open(f"{run_dir}.rank{rank}.err", "w")  # noqa: SIM115 (closed at exit)
+
+    def preempt() -> None:  # after rank 0 logged step 3
+        while max(_steps(Path(run_dir)), default=0) < 3:
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if rank == 1:
+        threading.Thread(target=preempt, daemon=True).start()
+    code = main(["train", "--config", "quickstart", *DDP_ARGS, f"run.dir={run_dir}"])
+    sys.stderr.flush()
+    assert code == 143, code  # rank 0 too: it stops at the step the ranks agreed on
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path, run_ranks):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    run_ranks(_signalled_rank, (2, port, str(run)), nprocs=2, start_method="spawn")
+    errors = [(tmp_path / f"ddp.rank{r}.err").read_text() for r in range(2)]
+    step = ckpt.load_checkpoint(run / "checkpoints/last.pt")["step"]
+    assert 3 <= step < 20 and _steps(run) == list(range(1, step + 1))
+    assert f"stopped by SIGTERM after step {step}/20" in errors[0]  # rank 0 reports, once
+    assert "stopped by" not in errors[1] and "Traceback" not in errors[0] + errors[1]
