@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from hjepa.config import ConfigError, load_config
+from hjepa.config import ConfigError, LossConfig, load_config
 from hjepa.eval.features import encoder_features
 from hjepa.eval.runner import format_table
 from hjepa.losses import SIGReg, VICReg, nt_xent, prediction_loss
@@ -186,9 +186,8 @@ def test_sigreg_gradient_reaches_only_what_it_regularises(tiny_config, where, pr
     trainer.model.train()
     micro, images = next(trainer.batches())
     out = trainer.model(*trainer.inputs(images, micro)[:2])
-    objective = Objective(
-        [0.0, 0.0, 0.0], regularizer="sigreg", regularize_on=where, grid_size=8, sigreg_slices=16
-    )
+    loss = LossConfig(regularizer="sigreg", regularize_on=where, sigreg_slices=16)
+    objective = Objective(loss, [0.0, 0.0, 0.0], grid_size=8)
     total, _ = objective(out, step=0)
     total.backward()
     grads = [p.grad for p in trainer.model.predictor.parameters()]

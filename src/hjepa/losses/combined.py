@@ -35,6 +35,7 @@ trainer logs); :attr:`Objective.weights` holds each term's coefficient in the to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,7 @@ from hjepa.losses.vicreg import VICReg
 from hjepa.models.hierarchy import cell_of_token, masked_cell_mean
 
 if TYPE_CHECKING:
-    from hjepa.config import Config
+    from hjepa.config import Config, LossConfig
     from hjepa.models.hjepa import JEPAOutput
 
 REGULARIZERS = CHOICES["loss.regularizer"]
@@ -78,114 +79,80 @@ class Objective(nn.Module):
     """Prediction loss plus the configured anti-collapse terms (see the module docstring).
 
     Args:
-        level_weights: :math:`w_l`, one per level.
-        distance: ``mse`` or ``smooth_l1`` for the prediction loss.
-        regularizer: ``none``, ``sigreg``, ``vicreg`` or ``sigreg+vicreg``.
-        regularize_on: what SIGReg sees: ``context``, ``predictor`` or ``pooled``.
+        loss: the ``loss`` section of the config: distance, regularizer and what it sees, and
+            every term's weight (SIGReg :math:`\\lambda_S`, VICReg :math:`\\lambda_V` with its
+            :math:`\\mu, \\nu, \\lambda`, the contrastive :math:`\\lambda_C` and :math:`\\tau`).
+        level_weights: :math:`w_l`, one per level (``hjepa.config.level_weights``).
         grid_size: level-0 grid side (needed by ``regularize_on="pooled"``).
-        sigreg_weight, sigreg_slices: :math:`\\lambda_S` and SIGReg's number of directions.
-        vicreg_weight: :math:`\\lambda_V`; ``vicreg_var/cov/inv_weight`` are VICReg's
-            :math:`\\mu, \\nu, \\lambda` (paper: 25, 1, 25).
-        contrastive: NT-Xent between the projected pooled embeddings of the two views.
-        contrastive_weight, contrastive_temperature: :math:`\\lambda_C` and :math:`\\tau`.
-        multicrop_weight: :math:`\\lambda_M`, or None without multi-crop.
-        view_sigreg_weight: :math:`\\lambda_{VS}` (0: off; needs multi-crop).
+        multicrop_weight: :math:`\\lambda_M`, or None without multi-crop (``loss.view_sigreg``,
+            :math:`\\lambda_{VS}`, needs it).
     """
 
     def __init__(
         self,
+        loss: LossConfig,
         level_weights: Sequence[float],
         *,
-        distance: str = "mse",
-        regularizer: str = "none",
-        regularize_on: str = "context",
         grid_size: int | None = None,
-        sigreg_weight: float = 0.05,
-        sigreg_slices: int = 1024,
-        vicreg_weight: float = 0.1,
-        vicreg_var_weight: float = 25.0,
-        vicreg_cov_weight: float = 1.0,
-        vicreg_inv_weight: float = 25.0,
-        contrastive: bool = False,
-        contrastive_weight: float = 0.1,
-        contrastive_temperature: float = 0.1,
         multicrop_weight: float | None = None,
-        view_sigreg_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
-        if regularize_on not in REGULARIZE_ON:
-            raise ValueError(f"regularize_on must be one of {REGULARIZE_ON}, got {regularize_on!r}")
-        if regularize_on == "pooled" and grid_size is None:
+        if loss.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {loss.regularizer!r}")
+        if loss.regularize_on not in REGULARIZE_ON:
+            raise ValueError(
+                f"regularize_on must be one of {REGULARIZE_ON}, got {loss.regularize_on!r}"
+            )
+        if loss.regularize_on == "pooled" and grid_size is None:
             raise ValueError("regularize_on='pooled' needs the level-0 grid_size")
-        terms = regularizer.split("+")
+        terms = loss.regularizer.split("+")
+        self.loss = dataclasses.replace(loss)  # a copy: the terms cannot change under it
         self.level_weights = [float(w) for w in level_weights]
-        self.distance = distance
-        self.regularize_on = regularize_on
         self.grid_size = grid_size
-        self.sigreg = SIGReg(sigreg_slices) if "sigreg" in terms else None
+        self.sigreg = SIGReg(loss.sigreg_slices) if "sigreg" in terms else None
         self.vicreg = (
-            VICReg(vicreg_inv_weight, vicreg_var_weight, vicreg_cov_weight)
+            VICReg(loss.vicreg_inv_weight, loss.vicreg_var_weight, loss.vicreg_cov_weight)
             if "vicreg" in terms
             else None
         )
-        self.sigreg_weight, self.vicreg_weight = sigreg_weight, vicreg_weight
-        self.contrastive = contrastive
-        self.contrastive_weight = contrastive_weight
-        self.contrastive_temperature = contrastive_temperature
         self.multicrop_weight = multicrop_weight
-        if view_sigreg_weight and multicrop_weight is None:
-            raise ValueError("view_sigreg_weight needs multi-crop views (multicrop_weight)")
-        self.view_sigreg_weight = view_sigreg_weight
+        if loss.view_sigreg and multicrop_weight is None:
+            raise ValueError("loss.view_sigreg needs multi-crop views (multicrop_weight)")
         # Its own directions' seed: the same step must not reuse the token SIGReg's slices.
-        self.view_sigreg = SIGReg(sigreg_slices, seed=1) if view_sigreg_weight else None
+        self.view_sigreg = SIGReg(loss.sigreg_slices, seed=1) if loss.view_sigreg else None
 
     @classmethod
     def from_config(cls, cfg: Config, multicrop: bool = False) -> Objective:
         from hjepa.config import level_weights
 
-        loss = cfg.loss
         return cls(
+            cfg.loss,
             level_weights(cfg),
-            distance=loss.distance,
-            regularizer=loss.regularizer,
-            regularize_on=loss.regularize_on,
             grid_size=grid_side(cfg.data.image_size, cfg.model.patch_size),
-            sigreg_weight=loss.sigreg_weight,
-            sigreg_slices=loss.sigreg_slices,
-            vicreg_weight=loss.vicreg_weight,
-            vicreg_var_weight=loss.vicreg_var_weight,
-            vicreg_cov_weight=loss.vicreg_cov_weight,
-            vicreg_inv_weight=loss.vicreg_inv_weight,
-            contrastive=loss.contrastive,
-            contrastive_weight=loss.contrastive_weight,
-            contrastive_temperature=loss.contrastive_temperature,
             multicrop_weight=cfg.data.multicrop.weight if multicrop else None,
-            view_sigreg_weight=loss.view_sigreg,
         )
 
     @property
     def needs_two_views(self) -> bool:
         """VICReg and the contrastive term compare two augmented views of each image."""
-        return self.vicreg is not None or self.contrastive
+        return self.vicreg is not None or self.loss.contrastive
 
     @property
     def weights(self) -> dict[str, float]:
         """Each term's coefficient in the total, in the order :meth:`forward` returns them."""
         out = {f"loss_level{i}": w for i, w in enumerate(self.level_weights)}
         if self.sigreg is not None:
-            out["sigreg"] = self.sigreg_weight
+            out["sigreg"] = self.loss.sigreg_weight
         if self.vicreg is not None:
-            out["vicreg_var"] = self.vicreg_weight * self.vicreg.var_weight
-            out["vicreg_cov"] = self.vicreg_weight * self.vicreg.cov_weight
-            out["vicreg_inv"] = self.vicreg_weight * self.vicreg.sim_weight
-        if self.contrastive:
-            out["contrastive"] = self.contrastive_weight
+            out["vicreg_var"] = self.loss.vicreg_weight * self.vicreg.var_weight
+            out["vicreg_cov"] = self.loss.vicreg_weight * self.vicreg.cov_weight
+            out["vicreg_inv"] = self.loss.vicreg_weight * self.vicreg.sim_weight
+        if self.loss.contrastive:
+            out["contrastive"] = self.loss.contrastive_weight
         if self.multicrop_weight is not None:
             out["multicrop"] = self.multicrop_weight
         if self.view_sigreg is not None:
-            out["view_sigreg"] = self.view_sigreg_weight
+            out["view_sigreg"] = self.loss.view_sigreg
         return out
 
     @property
@@ -194,9 +161,9 @@ class Objective(nn.Module):
 
     def sigreg_inputs(self, out: JEPAOutput) -> list[Tensor]:
         """The ``[N, D]`` embedding sets SIGReg sees (its value is their mean statistic)."""
-        if self.regularize_on == "context":
+        if self.loss.regularize_on == "context":
             return [out.context.flatten(0, 1)]
-        if self.regularize_on == "predictor":
+        if self.loss.regularize_on == "predictor":
             return [p.flatten(0, -2) for p in out.predictions]
         if out.context_index is None:
             raise ValueError("regularize_on='pooled' needs the context indices in the output")
@@ -208,13 +175,13 @@ class Objective(nn.Module):
     def forward(self, out: JEPAOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions."""
         total, per_level = prediction_loss(
-            out.predictions, out.targets, self.level_weights, self.distance
+            out.predictions, out.targets, self.level_weights, self.loss.distance
         )
         terms = {f"loss_level{i}": term for i, term in enumerate(per_level)}
         if self.sigreg is not None:
             sets = self.sigreg_inputs(out)
             terms["sigreg"] = sum(self.sigreg(z, step=step) for z in sets) / len(sets)
-            total = total + self.sigreg_weight * terms["sigreg"]
+            total = total + self.loss.sigreg_weight * terms["sigreg"]
         if self.needs_two_views and out.pooled_views is None:
             raise ValueError(
                 "VICReg / the contrastive term need a second augmented view: call the model "
@@ -225,16 +192,16 @@ class Objective(nn.Module):
             terms["vicreg_var"] = vic["variance"]
             terms["vicreg_cov"] = vic["covariance"]
             terms["vicreg_inv"] = vic["invariance"]
-            total = total + self.vicreg_weight * vic["total"]
-        if self.contrastive:
+            total = total + self.loss.vicreg_weight * vic["total"]
+        if self.loss.contrastive:
             if out.projected_views is None:
                 raise ValueError(
                     "loss.contrastive needs the model's contrastive_projector: build HJEPA with "
                     "contrastive=(hidden_dim, out_dim)"
                 )
             z1, z2 = out.projected_views
-            terms["contrastive"] = nt_xent(z1, z2, self.contrastive_temperature)
-            total = total + self.contrastive_weight * terms["contrastive"]
+            terms["contrastive"] = nt_xent(z1, z2, self.loss.contrastive_temperature)
+            total = total + self.loss.contrastive_weight * terms["contrastive"]
         if self.multicrop_weight is not None:
             if out.view_loss is None:
                 raise ValueError("the multi-crop term needs local views: call the model with views")
@@ -249,7 +216,7 @@ class Objective(nn.Module):
                 *local.chunk(local.shape[0] // out.context.shape[0]),
             ]
             terms["view_sigreg"] = sum(self.view_sigreg(z, step=step) for z in views) / len(views)
-            total = total + self.view_sigreg_weight * terms["view_sigreg"]
+            total = total + self.loss.view_sigreg * terms["view_sigreg"]
         return total, terms
 
 
