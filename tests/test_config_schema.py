@@ -84,3 +84,40 @@ def test_bounds_from_the_schema_are_enforced_with_the_bound_in_the_message(overr
 def test_bounds_accept_their_edges():
     cfg = load_config(None, ["data.hflip=1.0", "model.drop_path=0.0", "model.levels=1"])
     assert (cfg.data.hflip, cfg.model.drop_path, cfg.model.levels) == (1.0, 0.0, 1)
+
+
+def test_constructors_take_the_config_section_whole():
+    from hjepa.config import AugmentConfig, LossConfig
+    from hjepa.data.deit3 import DeiT3Augment
+    from hjepa.losses.combined import Objective
+
+    loss = LossConfig(
+        regularizer="sigreg+vicreg", sigreg_weight=0.3, vicreg_weight=0.2, vicreg_cov_weight=2.0,
+        contrastive=True, contrastive_weight=0.7,
+    )  # fmt: skip
+    objective = Objective(loss, [1.0, 0.5], multicrop_weight=0.4)
+    assert objective.weights == {
+        "loss_level0": 1.0,
+        "loss_level1": 0.5,
+        "sigreg": 0.3,
+        "vicreg_var": 0.2 * 25.0,
+        "vicreg_cov": 0.2 * 2.0,
+        "vicreg_inv": 0.2 * 25.0,
+        "contrastive": 0.7,
+        "multicrop": 0.4,
+    }
+    loss.sigreg_weight = 9.0  # the objective keeps its own copy of the section
+    assert objective.weights["sigreg"] == 0.3
+    augment = AugmentConfig(three_augment=0.5, blur_sigma=[0.2, 1.0], mixup=0.8)
+    built = DeiT3Augment.from_config(augment, mean=[0.5], std=[0.5])
+    by_hand = DeiT3Augment(
+        mean=[0.5], std=[0.5], three_augment=0.5, blur_sigma=(0.2, 1.0), mixup=0.8
+    )
+    assert vars(built).keys() == vars(by_hand).keys()
+    for name, value in vars(by_hand).items():
+        same = (
+            value.equal(vars(built)[name])
+            if hasattr(value, "equal")
+            else value == vars(built)[name]
+        )
+        assert same, name

@@ -30,13 +30,18 @@ mixing they are known for matters only for supervised training, for which
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hjepa.config import AugmentConfig
 
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_ASPECT = (0.3, 1 / 0.3)
@@ -159,6 +164,13 @@ class DeiT3Augment:
         self.mixup = float(mixup)
         self.cutmix = float(cutmix)
         self.random_erasing = float(random_erasing)
+
+    @classmethod
+    def from_config(
+        cls, augment: AugmentConfig, *, mean: Sequence[float], std: Sequence[float]
+    ) -> DeiT3Augment:
+        """The ``data.augment`` section as an augmentation (its keys are this class's)."""
+        return cls(**dataclasses.asdict(augment), mean=mean, std=std)
 
     @property
     def enabled(self) -> bool:

@@ -79,15 +79,7 @@ class InputPipeline:
             flip_prob=d.hflip,
             **stats,
         )
-        extra = DeiT3Augment(
-            three_augment=a.three_augment,
-            blur_sigma=a.blur_sigma,
-            color_jitter=a.color_jitter,
-            mixup=a.mixup,
-            cutmix=a.cutmix,
-            random_erasing=a.random_erasing,
-            **stats,
-        )
+        extra = DeiT3Augment.from_config(a, **stats)
         self.extra_augment = extra if extra.enabled else None  # DeiT III options, global view
         self.local_crops = (
             LocalCrops(mc.num_local, mc.local_size, mc.local_scale, d.crop_ratio, d.hflip, **stats)
