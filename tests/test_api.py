@@ -41,22 +41,22 @@ def run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def test_set(run):
+def held_out(run):
     return dataset_from_config(load_config(None, [*TINY, f"run.dir={run}"]), "test")
 
 
-def _uint8_images(test_set) -> torch.Tensor:
-    return torch.cat([images for images, _ in iter_batches(test_set, BATCH)])
+def _uint8_images(held_out) -> torch.Tensor:
+    return torch.cat([images for images, _ in iter_batches(held_out, BATCH)])
 
 
-def _eval_features(run: Path, checkpoint: Path, test_set) -> dict[str, torch.Tensor]:
+def _eval_features(run: Path, checkpoint: Path, held_out) -> dict[str, torch.Tensor]:
     """The features ``hjepa eval`` probes: its feature set-up with the run's own config."""
     cfg = load_config(None, [*TINY, f"run.dir={run}"])
     vit = build_encoder(cfg.model, cfg.data.image_size, cfg.data.channels)
     vit.load_state_dict(ckpt.load_checkpoint(checkpoint)["target_encoder"])
     mean, std = channel_stats(cfg.data.name, cfg.data.channels)
     assert cfg.eval.batch_size == BATCH
-    return run_features(vit, test_set, cfg, mean, std, "cpu")[0]
+    return run_features(vit, held_out, cfg, mean, std, "cpu")[0]
 
 
 def _batched(encoder: Encoder, images: torch.Tensor, level: str) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _batched(encoder: Encoder, images: torch.Tensor, level: str) -> torch.Tensor
         return torch.cat([encoder.features(x, level) for x in images.split(BATCH)])
 
 
-def test_three_load_paths_give_eval_features_exactly(run, test_set, tmp_path):
+def test_three_load_paths_give_eval_features_exactly(run, held_out, tmp_path):
     weights = tmp_path / "share" / "enc.safetensors"
     assert main(["export", str(run), "--out", str(weights)]) == 0
     last = run / "checkpoints" / "last.pt"
@@ -74,9 +74,9 @@ def test_three_load_paths_give_eval_features_exactly(run, test_set, tmp_path):
         "safetensors": hjepa.load_encoder(weights),
         "card": hjepa.load_encoder(weights.with_suffix(".json")),
     }
-    reference = _eval_features(run, last, test_set)
+    reference = _eval_features(run, last, held_out)
     assert set(reference) == {"level0", "level1", "level2", "concat"}
-    u8 = _uint8_images(test_set)
+    u8 = _uint8_images(held_out)
     unit = u8.float() / 255.0  # what a user hands over: [0, 1], not normalised
     for name, encoder in encoders.items():
         assert isinstance(encoder, torch.nn.Module) and not encoder.training, name
@@ -92,9 +92,9 @@ def test_three_load_paths_give_eval_features_exactly(run, test_set, tmp_path):
     )
 
 
-def test_tokens_and_levels(run, test_set):
+def test_tokens_and_levels(run, held_out):
     encoder = hjepa.load_encoder(run)
-    u8 = _uint8_images(test_set)[:5]
+    u8 = _uint8_images(held_out)[:5]
     mean, std = channel_stats("synthetic", 1)
     assert torch.equal(encoder.mean.flatten(), torch.tensor(STATS["synthetic"][0]))
     with torch.no_grad():
@@ -140,18 +140,18 @@ def test_exported_card_describes_the_encoder(run, tmp_path):
     assert card["normalize"] == {"mean": [0.5], "std": [0.25]}
 
 
-def test_extract_writes_the_features_and_labels(run, test_set, tmp_path, capsys):
+def test_extract_writes_the_features_and_labels(run, held_out, tmp_path, capsys):
     out = tmp_path / "test.npz"
     assert main(["extract", str(run), "--split", "test", "--out", str(out)]) == 0
     assert "extract test" in capsys.readouterr().err  # the progress bar
     saved = np.load(out)
     assert set(saved.files) == {"features", "labels"}
     assert saved["features"].dtype == np.float32 and saved["labels"].dtype == np.int64
-    reference = _eval_features(run, run / "checkpoints" / "last.pt", test_set)
+    reference = _eval_features(run, run / "checkpoints" / "last.pt", held_out)
     np.testing.assert_array_equal(saved["features"], reference["concat"].numpy())
-    labels = torch.cat([y for _, y in iter_batches(test_set, BATCH)])
+    labels = torch.cat([y for _, y in iter_batches(held_out, BATCH)])
     np.testing.assert_array_equal(saved["labels"], labels.numpy())
-    assert saved["features"].shape == (len(test_set), 96)
+    assert saved["features"].shape == (len(held_out), 96)
 
     one = tmp_path / "level1.npz"
     assert main(["extract", str(run), "--split", "train", "--out", str(one), "--level",
@@ -178,17 +178,17 @@ def test_extract_data_overrides_and_refusals(run, tmp_path, capsys):
     assert "must end in .npz" in capsys.readouterr().err
 
 
-def test_checkpoint_flag_picks_the_named_checkpoint(run, test_set, tmp_path, capsys):
+def test_checkpoint_flag_picks_the_named_checkpoint(run, held_out, tmp_path, capsys):
     step2 = run / "checkpoints" / "step_00000002.pt"
     assert step2.is_file()
-    u8 = _uint8_images(test_set)
+    u8 = _uint8_images(held_out)
     # extract
     out = tmp_path / "s2.npz"
     assert main(["extract", str(run), "--split", "test", "--out", str(out), "--no-progress",
                  "--checkpoint", str(step2)]) == 0  # fmt: skip
-    expected = _eval_features(run, step2, test_set)["concat"]
+    expected = _eval_features(run, step2, held_out)["concat"]
     np.testing.assert_array_equal(np.load(out)["features"], expected.numpy())
-    assert not torch.equal(expected, _eval_features(run, run / "checkpoints/last.pt", test_set)[
+    assert not torch.equal(expected, _eval_features(run, run / "checkpoints/last.pt", held_out)[
         "concat"])  # fmt: skip
     # export
     weights = tmp_path / "s2.safetensors"
@@ -246,17 +246,17 @@ def test_the_documented_example_runs(run, tmp_path, monkeypatch, capsys):
     assert printed.strip() == "torch.Size([8, 64, 32]) torch.Size([8, 96]) torch.Size([8, 32])"
 
 
-def test_conv_stem_encoder_loads_the_same_from_every_path(tmp_path, test_set):
+def test_conv_stem_encoder_loads_the_same_from_every_path(tmp_path, held_out):
     run = tmp_path / "conv"
     train(load_config(None, [*TINY, f"run.dir={run}", "train.max_steps=1", "model.stem=conv"]))
     weights, _ = export_run(run)
     last = run / "checkpoints" / "last.pt"
-    u8 = _uint8_images(test_set)
+    u8 = _uint8_images(held_out)
     cfg = load_config(None, [*TINY, f"run.dir={run}", "model.stem=conv"])
     vit = build_encoder(cfg.model, 32, 1)
     vit.load_state_dict(ckpt.load_checkpoint(last)["target_encoder"])
     mean, std = channel_stats("synthetic", 1)
-    expected = run_features(vit, test_set, cfg, mean, std, "cpu")[0]["concat"]
+    expected = run_features(vit, held_out, cfg, mean, std, "cpu")[0]["concat"]
     for source in (run, last, weights):
         encoder = hjepa.load_encoder(source)
         assert encoder.channels == 1
