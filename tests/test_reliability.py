@@ -25,20 +25,11 @@ from hjepa.models.hjepa import build_encoder
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import NonFiniteLossError, Trainer
 from tests.conftest import TINY
-
-PARTS = ("context_encoder", "target_encoder", "predictor", "heads")
-
-
-def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (weights and optimizer moments), by a flat name."""
-    out = {f"{part}.{k}": v for part in PARTS for k, v in state[part].items()}
-    for i, s in state["optimizer"]["state"].items():
-        out.update({f"opt.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
-    return out
+from tests.state import checkpoint_tensors
 
 
 def _assert_same_tensors(a: dict, b: dict) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
@@ -444,7 +435,7 @@ def test_skip_mode_end_to_end_logs_and_resumes(tiny_config, tmp_path, capsys):
     assert "step 2: skipped, non-finite loss" in capsys.readouterr().err
     state = _last(run)
     assert state["nonfinite_skipped"] == 2
-    assert all(torch.isfinite(v).all() for v in _tensors(state).values())
+    assert all(torch.isfinite(v).all() for v in checkpoint_tensors(state).values())
 
 
 def test_weights_that_overflow_are_never_saved(tiny_config, tmp_path):

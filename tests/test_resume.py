@@ -15,6 +15,7 @@ from hjepa.train.logging import read_metrics
 from hjepa.train.schedules import warmup_cosine
 from hjepa.train.trainer import Trainer
 from tests.conftest import TINY
+from tests.state import checkpoint_tensors
 
 # -- the diff and its rules, no training -------------------------------------------------------
 
@@ -111,15 +112,6 @@ def _files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    out = {}
-    for part in ("context_encoder", "target_encoder", "predictor", "heads"):
-        out.update({f"{part}.{k}": v for k, v in state[part].items()})
-    for i, s in state["optimizer"]["state"].items():
-        out.update({f"opt.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
-    return out
-
-
 def _last(run: Path) -> dict:
     return torch.load(run / "checkpoints/last.pt", weights_only=True)
 
@@ -171,7 +163,7 @@ def test_run_only_settings_may_differ_and_the_result_is_bit_identical(half_run, 
     assert trainer.step == 4
     assert (run / "config.yaml").read_bytes() == config_before  # never rewritten by a resume
     assert not (run / recipe.HISTORY).exists()
-    a, b = _tensors(_last(half_run / "full")), _tensors(_last(run))
+    a, b = checkpoint_tensors(_last(half_run / "full")), checkpoint_tensors(_last(run))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_metrics(run, "probe")] == [3, 4]  # the probe ran: it acted
 

@@ -17,6 +17,7 @@ from hjepa.train.ema import ema_update
 from hjepa.train.optim import param_groups
 from hjepa.train.schedules import cosine, linear, warmup_cosine
 from hjepa.train.trainer import Trainer
+from tests.state import checkpoint_tensors
 
 
 def test_schedules_against_hand_values():
@@ -87,13 +88,7 @@ def test_ema_once_per_optimizer_step_under_accumulation(tiny_config):
 
 
 def _all_state(trainer):
-    state = trainer.state_dict()
-    out = {}
-    for part in ("context_encoder", "target_encoder", "predictor", "heads"):
-        out.update({f"{part}.{k}": v for k, v in state[part].items()})
-    for i, s in state["optimizer"]["state"].items():
-        out.update({f"opt.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
-    return out
+    return checkpoint_tensors(trainer.state_dict())
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_config, tmp_path):
