@@ -125,3 +125,88 @@ def test_progress_bar_reaches_the_end_and_names_the_stage(tiny_run, capsys):
     bar.advance(7.0)
     bar.advance(7.0)  # an overshooting estimate stops at the total
     assert bar._done == 10.0
+
+
+def test_settings_outside_the_weights_change_the_key(tiny_run, tmp_path):
+    """model.num_heads changes the forward pass but no weight's shape or value: the same
+    random-init weights, yet other baselines. The key must see it (it once did not)."""
+    import shutil
+
+    import yaml
+
+    where = [*BASE, "eval.low_shot=false", "eval.linear=false", f"eval.cache_dir={tmp_path}"]
+    first = evaluate_run(tiny_run, overrides=where)
+    other_run = tmp_path / "heads"
+    shutil.copytree(tiny_run, other_run)
+    config = yaml.safe_load((other_run / "config.yaml").read_text())
+    assert config["model"]["num_heads"] == 2
+    config["model"]["num_heads"] = 4  # 32 wide: head width 16 instead of 8, same weights
+    (other_run / "config.yaml").write_text(yaml.safe_dump(config))
+    second = evaluate_run(other_run, overrides=where)
+    fields = (first["baseline_cache"]["fields"], second["baseline_cache"]["fields"])
+    assert fields[0]["encoder_init"] == fields[1]["encoder_init"]  # the weights agree
+    assert fields[0]["architecture"]["num_heads"] == 2
+    assert fields[1]["architecture"]["num_heads"] == 4
+    assert second["baseline_cache"]["key"] != first["baseline_cache"]["key"]
+    assert second["baseline_cache"]["hit"] is False
+    # And the forward pass does differ: same weights, other outputs.
+    from hjepa.models.hjepa import build_encoder
+
+    encoders = []
+    for heads in (2, 4):
+        torch.manual_seed(0)
+        cfg = load_config(None, [*TINY, f"model.num_heads={heads}"])
+        encoders.append(build_encoder(cfg.model, 32, 1).eval())
+    encoders[1].load_state_dict(encoders[0].state_dict())
+    images = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gap = (encoders[0](images) - encoders[1](images)).abs().max()
+    assert gap > 1e-5  # near-uniform attention at init: small, but not rounding
+
+
+def test_threads_and_code_are_part_of_the_key(tiny_run, tmp_path):
+    where = [*BASE, "eval.low_shot=false", "eval.linear=false", f"eval.cache_dir={tmp_path}"]
+    threads = torch.get_num_threads()
+    first = evaluate_run(tiny_run, overrides=where)["baseline_cache"]
+    torch.set_num_threads(threads + 1)
+    try:
+        other = evaluate_run(tiny_run, overrides=where)["baseline_cache"]
+    finally:
+        torch.set_num_threads(threads)
+    assert (first["fields"]["threads"], other["fields"]["threads"]) == (threads, threads + 1)
+    assert other["key"] != first["key"] and other["hit"] is False
+    assert first["fields"]["device_model"] == torch.backends.cpu.get_cpu_capability()
+    assert len(first["fields"]["code"]) == 32
+
+
+def test_code_digest_follows_every_source_file(tmp_path, monkeypatch):
+    from hjepa.eval import cache
+
+    root = tmp_path / "hjepa"
+    for name in ("eval/a.py", "models/b.py", "data/c.py", "grid.py", "train/d.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x = 1\n")
+    monkeypatch.setattr(cache, "__file__", str(root / "eval" / "cache.py"))
+    base = cache.code_digest()
+    (root / "train" / "d.py").write_text("x = 2\n")  # training code: not in the baselines
+    assert cache.code_digest() == base
+    for name in ("eval/a.py", "models/b.py", "data/c.py", "grid.py"):
+        (root / name).write_text("x = 2\n")
+        changed = cache.code_digest()
+        assert changed != base
+        base = changed
+    (root / "models" / "new.py").write_text("")  # a new file counts too
+    assert cache.code_digest() != base
+
+
+def test_recorded_section_records_reads_and_refuses_writes():
+    from hjepa.eval.cache import RecordedSection
+
+    cfg = load_config(None, TINY)
+    view = RecordedSection(cfg.model)
+    assert view.embed_dim == 32 and view.depth == 2
+    assert view.read == {"embed_dim": 32, "depth": 2}
+    with pytest.raises(AttributeError, match="read-only"):
+        view.depth = 3
+    with pytest.raises(AttributeError):
+        view.no_such_key  # noqa: B018

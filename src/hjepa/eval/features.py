@@ -55,8 +55,11 @@ def encoder_features(
     per_level: list[list[Tensor]] = [[] for _ in range(levels)]
     all_labels = []
     for images, labels in iter_batches(dataset, batch_size, num_workers):
-        x = to_input(images.to(device), mean, std, image_size)
-        pooled = pooled_features(encoder(x), encoder.grid_size, levels, concat=False)
+        # Inference mode skips autograd's version counters and views (the same numbers);
+        # the concatenation below, outside it, makes ordinary tensors the probes can fit on.
+        with torch.inference_mode():
+            x = to_input(images.to(device), mean, std, image_size)
+            pooled = pooled_features(encoder(x), encoder.grid_size, levels, concat=False)
         for lvl in range(levels):
             per_level[lvl].append(pooled[f"level{lvl}"])
         all_labels.append(labels)

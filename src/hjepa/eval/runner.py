@@ -42,7 +42,10 @@ from hjepa.eval.cache import (
     EVAL_KEYS,
     PROTOCOL_VERSION,
     BaselineCache,
+    RecordedSection,
+    arithmetic,
     baseline_key,
+    code_digest,
     dataset_digest,
     state_digest,
 )
@@ -263,21 +266,29 @@ class _Evaluator:
 
 
 def _baseline_cache(
-    cfg: Config, ev: _Evaluator, random_state: dict[str, Tensor], device: torch.device
+    cfg: Config,
+    ev: _Evaluator,
+    random_state: dict[str, Tensor],
+    architecture: dict[str, Any],
+    device: torch.device,
 ) -> BaselineCache | None:
-    """The cache entry of this run's baselines, or None with ``eval.cache=false``."""
+    """The cache entry of this run's baselines, or None with ``eval.cache=false``.
+
+    ``architecture``: the ``model.*`` settings the encoder's constructor read."""
     e, d = cfg.eval, cfg.data
     if not e.cache:
         return None
     fields = {
         "protocol": PROTOCOL_VERSION,
         "hjepa": hjepa.__version__,
+        "code": code_digest(),
         "torch": torch.__version__,
-        "device": device.type,
+        **arithmetic(device),
         "data": {"name": d.name, "image_size": d.image_size, "channels": ev.channels},
         "train_images": dataset_digest(ev.train_set),
         "test_images": dataset_digest(ev.test_set),
         "encoder_init": state_digest(random_state),
+        "architecture": architecture,
         "levels": cfg.model.levels,
         "attention": cfg.model.attention,
         "seed": cfg.train.seed,
@@ -324,7 +335,8 @@ def evaluate_run(
         clock = now
 
     torch.manual_seed(cfg.train.seed)  # the very initialisation the trained run started from
-    encoder = build_encoder(cfg.model, cfg.data.image_size, ev.channels).to(device)
+    architecture = RecordedSection(cfg.model)  # the model.* settings the encoder depends on
+    encoder = build_encoder(architecture, cfg.data.image_size, ev.channels).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     load_target_encoder(encoder, state, source, run_dir)
 
@@ -338,7 +350,11 @@ def evaluate_run(
 
     # The baselines' numbers (and the pixel classifier robustness scores) from an earlier
     # evaluation of the same data, architecture, seed and protocol.
-    cache = _baseline_cache(cfg, ev, random_state, device) if e.baselines or e.robustness else None
+    cache = (
+        _baseline_cache(cfg, ev, random_state, architecture.read, device)
+        if e.baselines or e.robustness
+        else None
+    )
     cached = cache.load() if cache is not None and e.baselines else None
     if cache is not None:
         results["baseline_cache"] = {
