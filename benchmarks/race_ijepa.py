@@ -23,7 +23,10 @@ machine hit all sides alike:
 A step's time depends on the batch's context size (the minimum over its samples), so speedups
 are medians of per-repeat ratios. FLOPs per image (``FlopCounterMode``: matmuls, convolutions
 and attention, forward + backward, on the same batches) tell "less work" from "faster
-kernels". Prints JSON.
+kernels". The roofline: each repeat also times the largest matmul of the race's ViT (the
+MLP's ``B*49 x 192 -> 768`` at batch 128) as ``sgemm``, the speed this machine's BLAS reaches on
+that shape at that moment; ``fraction_of_sgemm`` is each side's GFLOP/s over it, per repeat (a
+step at 1.0 would run every FLOP at the speed of its biggest matmul). Prints JSON.
 """
 
 from __future__ import annotations
@@ -78,7 +81,12 @@ def our_overrides(variant: str, predictor_mode: str, device: str = "cpu") -> lis
     ]
     if variant == "ijepa":  # the I-JEPA objective: one level, smooth L1, no clipping
         return [*common, "model.levels=1", "loss.distance=smooth_l1", "train.grad_clip=0"]
+    if variant == "quickstart":  # the quickstart preset's recipe (conv stem, SIGReg) on this ViT
+        return common
     return [*common, "model.levels=3"]  # our default hierarchy (3 levels, mse, clip 1.0)
+
+
+PRESETS = {"quickstart": "quickstart"}  # variants whose base is a preset, not the schema
 
 
 FLAGS = {"compile": "train.compile=true"}  # optional third part of an --ours spec
@@ -92,7 +100,7 @@ class Ours:
         from hjepa.train.trainer import Trainer
 
         overrides = our_overrides(variant, predictor_mode, device) + list(extra)
-        self.trainer = Trainer(load_config(None, overrides))
+        self.trainer = Trainer(load_config(PRESETS.get(variant), overrides))
         self.trainer.model.train()
         self.batches = self.trainer.batches()
         # The official step gets its masks from the data loader's collator: ours are drawn in
@@ -232,13 +240,37 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def race(official: Official, ours: dict[str, Ours], repeats: int, warmup: int) -> dict:
+SGEMM_SHAPE = (BATCH * (IMAGE // PATCH) ** 2, WIDTH, 4 * WIDTH)  # the encoder MLP's first matmul
+
+
+class Sgemm:
+    """The roofline probe: the race ViT's largest matmul, timed like a side. A call is short
+    (~15 ms) and a step long (seconds): the mean of 16 back-to-back calls sees about the same
+    share of a loaded machine as a step does, where the best single call would not."""
+
+    flops = 2 * SGEMM_SHAPE[0] * SGEMM_SHAPE[1] * SGEMM_SHAPE[2]
+
+    def __init__(self, device: str = "cpu"):
+        m, k, n = SGEMM_SHAPE
+        gen = torch.Generator().manual_seed(0)
+        self.a = torch.randn(m, k, generator=gen).to(device)
+        self.b = torch.randn(k, n, generator=gen).to(device)
+
+    def time(self) -> float:
+        return timed(lambda: [torch.mm(self.a, self.b) for _ in range(16)]) / 16
+
+
+def race(
+    official: Official, ours: dict[str, Ours], repeats: int, warmup: int, sgemm: Sgemm
+) -> dict:
     """Interleaved timings (seconds) per repeat and side: ``masks`` (drawing one batch's masks;
     ours also augments), ``model`` (the step on the repeat's batch and masks, identical for all
     sides) and ``full`` (their sum). The step time depends on the batch's context size (the
-    minimum over its samples), so sides are compared repeat by repeat (paired ratios)."""
+    minimum over its samples), so sides are compared repeat by repeat (paired ratios). Each
+    repeat also times the roofline probe (``times["sgemm"]``)."""
     names = ["official", *ours]
     times: dict[str, dict[str, list[float]]] = {n: {"masks": [], "model": []} for n in names}
+    probe: list[float] = []
     # The deepest hierarchy draws: its level-0 masks are all a shallower model reads.
     first = max(ours.values(), key=lambda side: side.trainer.cfg.model.levels)
     for i in range(warmup + repeats):
@@ -252,13 +284,36 @@ def race(official: Official, ours: dict[str, Ours], repeats: int, warmup: int) -
             if i >= warmup:
                 times[name]["masks"].append(masks)
                 times[name]["model"].append(model)
+        if i >= warmup:
+            probe.append(sgemm.time())
     for per in times.values():
         per["full"] = [a + b for a, b in zip(per["masks"], per["model"])]
-    return times
+    return {**times, "sgemm": probe}
+
+
+def roofline(times: dict, flops: dict[str, float]) -> dict:
+    """Each side's model-step GFLOP/s and its fraction of the sgemm probe's, paired per repeat."""
+    probe = times["sgemm"]
+    peak = [Sgemm.flops / t for t in probe]
+    return {
+        "sgemm_shape": list(SGEMM_SHAPE),
+        "sgemm_gflops_per_s": statistics.median(peak) / 1e9,
+        "model_gflops_per_s": {
+            name: statistics.median(flops[name] * BATCH / t for t in per["model"]) / 1e9
+            for name, per in times.items()
+            if name != "sgemm"
+        },
+        "fraction_of_sgemm": {
+            name: statistics.median(flops[name] * BATCH / t / p for t, p in zip(per["model"], peak))
+            for name, per in times.items()
+            if name != "sgemm"
+        },
+    }
 
 
 def summarise(times: dict) -> dict:
     base = times["official"]
+    times = {name: per for name, per in times.items() if name != "sgemm"}
     return {
         "images_per_s": {
             name: {kind: BATCH / statistics.median(ts) for kind, ts in per.items()}
@@ -286,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         "--ours",
         default="ijepa:repeat,ijepa:shared,default:repeat",
         help="our variants, comma separated: OBJECTIVE:PREDICTOR_MODE[:compile] with OBJECTIVE "
-        "'ijepa' (1 level, smooth L1, no clipping) or 'default' (3 levels, mse, clip 1); "
+        "'ijepa' (1 level, smooth L1, no clipping), 'default' (3 levels, mse, clip 1) or "
+        "'quickstart' (the quickstart preset's recipe: conv stem, 3 levels, SIGReg); "
         "':compile' adds train.compile=true (torch.compile; give it --warmup 3 or more)",
     )
     args = parser.parse_args(argv)
@@ -302,16 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     flops = {}
     for name, side in ours.items():
         flops[name], flops["official"] = flops_per_image(side, official)
+    times = race(official, ours, args.repeats, args.warmup, Sgemm(args.device))
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": args.threads,
         "batch": BATCH,
         "repeats": args.repeats,
-        **summarise(race(official, ours, args.repeats, args.warmup)),
+        **summarise(times),
         "gflops_per_image": {name: f / 1e9 for name, f in flops.items()},
         "flops_ratio_official_over_ours": {
             name: flops["official"] / f for name, f in flops.items() if name != "official"
         },
+        "roofline": roofline(times, flops),
     }
     print(json.dumps(report, indent=2))
     return 0

@@ -10,13 +10,18 @@ per step: data loading, augmentation, mask sampling and index building, the mode
 SIGReg, logging every ``train.log_every`` steps, and checkpoint bookkeeping. It runs
 :meth:`hjepa.train.trainer.Trainer.fit` on the quickstart preset with the race's ViT (28 px,
 patch 4, width 192, depth 6, 3 heads; predictor 96 x 4; batch 128; Fashion-MNIST when it is
-installed, else synthetic images of the same shape) and times, per repeat, a short and a long
-``fit`` (``train.stop_after``): their difference over the extra steps is the loop's time per
-step without the per-call costs (opening the logger, the last checkpoint). The official model
-step (``race_ijepa.Official``, fp32, on our batches and masks as in ``race_ijepa``) runs between
-them, so every repeat compares steps measured within seconds of each other. The online kNN
-probe is off (``knn_every=0``): it runs every 200 steps in the quickstart, so it is timed
-separately (``probe_s``) and amortised.
+installed, else synthetic images of the same shape).
+
+Timing is paired step by step: ``fit`` runs with its ``train_step`` wrapped so that right after
+each of our steps the official model step (``race_ijepa.Official``, fp32, on a batch and masks
+drawn by our sampler as in ``race_ijepa``) runs once, timed on its own. Our loop's time for a
+step is the time from the start of one of our steps to the start of the next, less the official
+step inside it: everything the loop does per step (data, augmentation, masks, the step,
+logging) and nothing of a ``fit`` call's start and end (opening the logger, the last
+checkpoint). A change of load on a shared machine then hits both sides of a pair alike, where
+timing two ``fit`` calls of different lengths is a difference of two noisy totals. The online
+kNN probe is off (``knn_every=0``): it runs every ``train.knn_every`` steps in the quickstart,
+so it is timed separately (``probe_s``) and amortised.
 
 Prints JSON: images/s of each side and the median of per-repeat ratios (> 1: ours faster).
 """
@@ -63,6 +68,9 @@ VARIANTS = {
     "quickstart": [],
     "quickstart_shared": ["model.predictor_mode=shared"],
     "levels1": ["model.levels=1"],
+    # Options that change the rounding, not the math (docs/speed.md):
+    "quickstart_bf16": ["train.precision=bf16"],  # bf16 autocast (AVX512-BF16 CPUs gain)
+    "quickstart_math": ["model.attention=math"],  # SDPA's math kernel instead of flash
 }
 
 
@@ -86,11 +94,30 @@ class Loop:
         overrides = [*RACE_VIT, *_data_overrides(), *extra, f"run.dir={run_dir}"]
         self.trainer = Trainer(load_config("quickstart", overrides))
 
-    def fit(self, steps: int) -> float:
-        self.trainer.cfg.train.stop_after = steps
-        start = time.perf_counter()
-        self.trainer.fit()
-        return time.perf_counter() - start
+    def paired_fit(self, steps: int, official: Official, drawer: Ours) -> list[tuple[float, float]]:
+        """``fit`` for ``steps`` steps with the official step after each of ours: per step of
+        ours but the last, (official step time, our loop's time for that step)."""
+        trainer, step = self.trainer, self.trainer.train_step
+        starts: list[float] = []
+        official_s: list[float] = []
+
+        def paired_step(micro_batches):
+            starts.append(time.perf_counter())
+            result = step(micro_batches)
+            inputs = official_inputs(*drawer.draw())
+            begin = time.perf_counter()
+            official.model_step(inputs)
+            official_s.append(time.perf_counter() - begin)
+            return result
+
+        trainer.cfg.train.stop_after = steps
+        trainer.train_step = paired_step
+        try:
+            trainer.fit()
+        finally:
+            del trainer.train_step  # the method again
+        loop_s = [b - a - o for a, b, o in zip(starts, starts[1:], official_s)]
+        return list(zip(official_s, loop_s))
 
     def probe(self) -> float:
         from hjepa.train.monitor import OnlineProbe
@@ -104,63 +131,49 @@ class Loop:
         return time.perf_counter() - start
 
 
-def official_step_time(official: Official, drawer: Ours, steps: int) -> float:
-    """The official model step alone (as ``race_ijepa``'s ``model``), on our batches and masks:
-    the official collator's context is smaller than ours, so its own masks would do less work."""
-    total = 0.0
-    for _ in range(steps):
-        inputs = official_inputs(*drawer.draw())
-        start = time.perf_counter()
-        official.model_step(inputs)
-        total += time.perf_counter() - start
-    return total / steps
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ijepa", type=Path, required=True, help="checkout of the official code")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--short", type=int, default=3, help="steps of the short fit")
-    parser.add_argument("--long", type=int, default=13, help="steps of the long fit")
-    parser.add_argument("--official-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="fit calls per variant")
+    parser.add_argument("--steps", type=int, default=6, help="steps per fit call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="quickstart,quickstart_shared,levels1")
     args = parser.parse_args(argv)
     if not (args.ijepa / "src" / "models" / "vision_transformer.py").is_file():
         parser.error(f"{args.ijepa} is not a checkout of facebookresearch/ijepa")
     torch.set_num_threads(args.threads)
+    from hjepa.config import load_config
+
     names = args.variants.split(",")
     official, drawer = Official(args.ijepa), Ours("ijepa", "repeat")
     with tempfile.TemporaryDirectory() as tmp:
         loops = {name: Loop(VARIANTS[name], Path(tmp) / name) for name in names}
-        for loop in loops.values():
-            loop.fit(2)  # warm-up: first batches, allocator, lazy initialisation
-        official_step_time(official, drawer, 2)
-        per_step: dict[str, list[float]] = {name: [] for name in ["official", *names]}
-        for _ in range(args.repeats):
-            per_step["official"].append(official_step_time(official, drawer, args.official_steps))
+        for loop in loops.values():  # warm-up: first batches, allocator, lazy initialisation
+            loop.paired_fit(2, official, drawer)
+        pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+        for _ in range(args.repeats):  # variants take turns, so load changes hit all of them
             for name, loop in loops.items():
-                short, long = loop.fit(args.short), loop.fit(args.long)
-                per_step[name].append((long - short) / (args.long - args.short))
+                pairs[name] += loop.paired_fit(args.steps, official, drawer)
         probe = next(iter(loops.values())).probe()  # the same encoder in every variant
-        probe_s = {name: probe for name in loops}
-        knn_every = 200  # the quickstart preset's train.knn_every
-    base = per_step["official"]
+    official_s = [o for per in pairs.values() for o, _ in per]
+    knn_every = load_config("quickstart").train.knn_every  # the preset's probe cadence
     report = {
         "threads": args.threads,
         "batch": BATCH,
-        "repeats": args.repeats,
+        "paired_steps": {n: len(per) for n, per in pairs.items()},
         "data": "synthetic" if _data_overrides() else "fashion_mnist",
-        "images_per_s": {n: BATCH / statistics.median(ts) for n, ts in per_step.items()},
-        "loop_speedup_vs_official_step": {
-            n: statistics.median(o / t for o, t in zip(base, per_step[n])) for n in names
+        "images_per_s": {
+            "official": BATCH / statistics.median(official_s),
+            **{n: BATCH / statistics.median(t for _, t in per) for n, per in pairs.items()},
         },
-        "probe_s": probe_s,
+        "loop_speedup_vs_official_step": {
+            n: statistics.median(o / t for o, t in per) for n, per in pairs.items()
+        },
+        "probe_s": probe,
+        "knn_every": knn_every,
         "loop_speedup_with_probe_amortised": {
-            n: statistics.median(
-                o / (t + probe_s[n] / knn_every) for o, t in zip(base, per_step[n])
-            )
-            for n in names
+            n: statistics.median(o / (t + probe / knn_every) for o, t in per)
+            for n, per in pairs.items()
         },
     }
     print(json.dumps(report, indent=2))
