@@ -1,4 +1,5 @@
-"""hjepa eval runs each encoder over each split once, and its inference path changes no bit."""
+"""hjepa eval: one feature pass per encoder and split, an inference path that changes no bit,
+linear fits on one thread each (the same numbers whatever the core count), side by side."""
 
 from __future__ import annotations
 
@@ -71,3 +72,47 @@ def test_inference_path_gives_the_plain_forward_bit_for_bit():
         assert torch.equal(feats[name], ref[name])
         assert not feats[name].is_inference()  # the probes fit on them with autograd
     assert torch.equal(labels, torch.arange(37) % 3)
+
+
+def _task(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    feats = torch.randn(n, 32, generator=g) + 0.5 * torch.randn(5, 32, generator=g)[labels]
+    return feats, labels
+
+
+def test_linear_fit_is_the_same_whatever_the_callers_thread_count():
+    """L-BFGS at its iteration cap turns another reduction order into other weights (on this
+    very problem, a fit on 2 threads differs from one on 1); the probe pins its fits to one
+    thread, so the weights are bit-identical whatever the caller runs on."""
+    from hjepa.eval.linear import fit_linear_classifier
+
+    feats, labels = _task(4000, 0)
+    threads = torch.get_num_threads()
+    fits = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fits.append(fit_linear_classifier(feats, labels, 5, weight_decays=(1e-5,)))
+            assert torch.get_num_threads() == n  # restored after the fit
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fits[0].weight, fits[1].weight)
+    assert torch.equal(fits[0].bias, fits[1].bias)
+
+
+def test_fits_side_by_side_equal_the_fits_one_after_the_other():
+    from hjepa.eval.linear import fit_linear_classifier, run_side_by_side
+
+    tasks = [_task(n, seed) for n, seed in ((3000, 1), (1500, 2), (2000, 3))]
+
+    def fit(i):
+        return fit_linear_classifier(*tasks[i], 5, weight_decays=(1e-4, 1e-2))
+
+    threads = torch.get_num_threads()
+    alone = [fit(i) for i in range(3)]
+    together = run_side_by_side([lambda i=i: fit(i) for i in range(3)], workers=2)
+    assert torch.get_num_threads() == threads
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert a.weight_decay == b.weight_decay and a.val_accuracy == b.val_accuracy

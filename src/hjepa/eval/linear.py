@@ -21,9 +21,12 @@ from zero.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,43 @@ from torch import Tensor
 DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 #: L-BFGS iterations per fit; each costs about one full-batch forward/backward pass.
 DEFAULT_MAX_ITER = 100
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One intra-op thread for the duration (the probe's numbers are those of one thread)."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_side_by_side(tasks: Sequence[Callable[[], T]], workers: int | None = None) -> list[T]:
+    """``[task() for task in tasks]``, as many at a time as there are intra-op threads (or
+    ``workers``), each on one thread; results in ``tasks`` order.
+
+    Each task's numbers are what it gives alone on one thread: fits share no state, and each
+    worker (and the caller, while it waits) is set to one intra-op thread before any runs.
+    """
+    before = torch.get_num_threads()
+    workers = min(len(tasks), workers or before)
+    if workers <= 1:
+        with single_threaded():
+            return [task() for task in tasks]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(lambda task: task(), tasks))
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_split(feats: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
@@ -225,7 +265,8 @@ class LinearClassifier:
 
     def predict(self, feats: Tensor) -> Tensor:
         feats = feats.to(self.weight.device)  # fit on a GPU, scored anywhere
-        return (self.scaler(feats) @ self.weight.T + self.bias).argmax(dim=1)
+        with single_threaded():  # like the fit: the same predictions whatever the core count
+            return (self.scaler(feats) @ self.weight.T + self.bias).argmax(dim=1)
 
     def accuracy(self, feats: Tensor, labels: Tensor) -> float:
         if feats.ndim != 2 or feats.shape[1] != self.weight.shape[1]:
@@ -261,6 +302,23 @@ def fit_linear_classifier(
             f"linear probe: {n} training samples leave none to fit after holding out "
             f"{n_val} for validation; provide more data or lower val_fraction."
         )
+    with single_threaded():
+        return _fit_path(
+            train_feats, train_labels, num_classes, seed, weight_decays, max_iter, n_val, on_fit
+        )
+
+
+def _fit_path(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    seed: int,
+    weight_decays: Sequence[float],
+    max_iter: int,
+    n_val: int,
+    on_fit: Callable[[], None],
+) -> LinearClassifier:
+    n = train_feats.shape[0]
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).to(train_feats.device)
     val_idx, fit_idx = order[:n_val], order[n_val:]
@@ -328,7 +386,9 @@ def low_shot_linear_probe(
     """Linear probe on class-balanced fractions of the training labels.
 
     For every fraction and seed, :func:`class_balanced_subset` picks the labelled subset
-    and :func:`linear_probe` (same ``seed``) fits and scores it on the full test set.
+    and :func:`linear_probe` (same ``seed``) fits and scores it on the full test set; the
+    draws run side by side (:func:`run_side_by_side`), so ``on_fit`` may be called from
+    several threads.
 
     Returns:
         ``{fraction: {"mean": mean test accuracy, "std": sample std over seeds (0 for a
@@ -336,25 +396,30 @@ def low_shot_linear_probe(
     """
     if not seeds:
         raise ValueError("low-shot: seeds must not be empty.")
+    draws = [(fraction, seed) for fraction in fractions for seed in seeds]
+
+    def draw(fraction: float, seed: int) -> float:
+        subset = class_balanced_subset(train_labels, num_classes, fraction, seed)
+        subset = subset.to(train_feats.device)
+        probe = linear_probe(
+            train_feats[subset],
+            train_labels[subset],
+            test_feats,
+            test_labels,
+            num_classes,
+            seed=seed,
+            weight_decays=weight_decays,
+            max_iter=max_iter,
+            val_fraction=val_fraction,
+            on_fit=on_fit,
+        )
+        return probe["accuracy"]
+
+    # The draws are independent fits: side by side, each on one thread (the same numbers).
+    accuracy = dict(zip(draws, run_side_by_side([lambda d=d: draw(*d) for d in draws])))
     results: dict[float, dict[str, float | list[float]]] = {}
     for fraction in fractions:
-        per_seed = []
-        for seed in seeds:
-            subset = class_balanced_subset(train_labels, num_classes, fraction, seed)
-            subset = subset.to(train_feats.device)
-            probe = linear_probe(
-                train_feats[subset],
-                train_labels[subset],
-                test_feats,
-                test_labels,
-                num_classes,
-                seed=seed,
-                weight_decays=weight_decays,
-                max_iter=max_iter,
-                val_fraction=val_fraction,
-                on_fit=on_fit,
-            )
-            per_seed.append(probe["accuracy"])
+        per_seed = [accuracy[fraction, seed] for seed in seeds]
         accs = torch.tensor(per_seed, dtype=torch.float64)
         std = accs.std(correction=1).item() if len(per_seed) > 1 else 0.0
         results[float(fraction)] = {"mean": accs.mean().item(), "std": std, "per_seed": per_seed}

@@ -8,6 +8,8 @@ time. Estimates only steer the bar; no number of the evaluation depends on them.
 
 from __future__ import annotations
 
+import threading
+
 from torch import nn
 
 
@@ -38,7 +40,8 @@ def linear_flops(n: int, dim: int, classes: int, fits: int, max_iter: int) -> fl
 
 
 class EvalProgress:
-    """A tqdm bar on stderr over ``total`` work units; ``stage`` names what runs now."""
+    """A tqdm bar on stderr over ``total`` work units; ``stage`` names what runs now.
+    :meth:`advance` may be called from several threads (fits run side by side)."""
 
     def __init__(self, total: float, enabled: bool) -> None:
         from tqdm import tqdm
@@ -52,15 +55,17 @@ class EvalProgress:
             dynamic_ncols=True,
         )
         self._done = 0.0
+        self._lock = threading.Lock()
 
     def stage(self, text: str) -> None:
         self._bar.set_description_str(f"eval: {text}", refresh=True)
 
     def advance(self, work: float) -> None:
-        work = min(float(work), self.total - self._done)  # estimates may overshoot
-        if work > 0:
-            self._done += work
-            self._bar.update(work)
+        with self._lock:
+            work = min(float(work), self.total - self._done)  # estimates may overshoot
+            if work > 0:
+                self._done += work
+                self._bar.update(work)
 
     def close(self) -> None:
         self.advance(self.total - self._done)
