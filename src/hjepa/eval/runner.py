@@ -209,8 +209,9 @@ class _Evaluator:
                 on_fit=lambda: self._advance(work),
             )
 
-        fitted = run_side_by_side([lambda name=name: fit(name) for name in tr])
-        classifiers = dict(zip(tr, fitted))
+        longest_first = sorted(tr, key=lambda name: -tr[name].shape[1])  # packs the workers
+        fitted = run_side_by_side([lambda name=name: fit(name) for name in longest_first])
+        classifiers = {name: dict(zip(longest_first, fitted))[name] for name in tr}
         for name, classifier in classifiers.items():
             accs[name]["linear"] = classifier.accuracy(te[name], yte)
         return accs, classifiers
@@ -393,19 +394,28 @@ def evaluate_run(
     if fresh or (e.robustness and pixel_clf is None):
         bar.stage("pixels")
         ptr, pte = ev.pixels(ev.train_set), ev.pixels(ev.test_set)
-        if fresh:
-            accs, clfs = ev.probe_all(
-                ({"pixels": ptr[0]}, ptr[1]), ({"pixels": pte[0]}, pte[1]), ev.num_classes
-            )
-            results["pixels"] = accs
-            pixel_clf = pixel_clf or clfs.get("pixels")
         lap("pixels")
     elif cached is not None:
         results["pixels"] = cached["pixels"]
 
     bar.stage("trained encoder")
     train_feats, test_feats = ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set)
-    results["trained"], classifiers = ev.probe_all(train_feats, test_feats, ev.num_classes)
+    if fresh:
+        # The pixel probe (the largest fit) side by side with the encoder's: one probe_all
+        # over both (the same labels: both passes read the datasets in order).
+        if not (torch.equal(ptr[1], train_feats[1]) and torch.equal(pte[1], test_feats[1])):
+            raise RuntimeError("pixel and encoder passes read the data in different orders")
+        accs, classifiers = ev.probe_all(
+            ({**train_feats[0], "pixels": ptr[0]}, train_feats[1]),
+            ({**test_feats[0], "pixels": pte[0]}, test_feats[1]),
+            ev.num_classes,
+        )
+        results["pixels"] = {"pixels": accs.pop("pixels")}
+        pixel_clf = pixel_clf or classifiers.pop("pixels", None)
+        classifiers.pop("pixels", None)
+        results["trained"] = accs
+    else:
+        results["trained"], classifiers = ev.probe_all(train_feats, test_feats, ev.num_classes)
     results["collapse"] = {
         name: collapse_report(feats) for name, feats in test_feats[0].items() if name != "concat"
     }
