@@ -50,3 +50,15 @@ def test_labels_lift_the_encoder_far_above_chance(tmp_path):
     assert trained["head_test_acc"] >= 0.5, trained
     short = ceiling(load_config(None, [*common, "train.max_steps=2"]))
     assert short["head_test_acc"] < 0.3, short
+
+
+@pytest.mark.slow
+def test_the_reference_cnn_trains_under_the_same_harness(tmp_path):
+    write_digits_folder(tmp_path / "digits")
+    module = _module()
+    cfg = load_config(None, [*SMALL, f"data.root={tmp_path / 'digits'}", "train.max_steps=100"])
+    result = module.supervised_ceiling(cfg, network="cnn")
+    assert result["network"] == "cnn" and result["steps"] == 100
+    assert result["head_test_acc"] >= 0.8, result  # convolutions learn the digits fast
+    with pytest.raises(ValueError, match="network must be one of"):
+        module.supervised_ceiling(cfg, network="mlp")
