@@ -299,8 +299,8 @@ class ModelConfig:
         False, "also L2-normalise targets and predictions (after the layer norm)"
     )
     predictor_mode: Literal["repeat", "shared"] = setting(
-        "repeat",
-        "repeat: context repeated per target block (I-JEPA); shared: one pass (docs/scale.md)",
+        "shared",
+        "shared: one predictor pass for all blocks; repeat: one per block (I-JEPA) (docs/scale.md)",
     )
     attention: Attention = setting("auto", "scaled-dot-product attention kernel used in training")
     pos_embed: Literal["sincos", "rope"] = setting(
