@@ -10,7 +10,14 @@ import torch
 import torch.distributed as dist
 
 import hjepa.losses.sigreg as sigreg_module
-from hjepa.losses.sigreg import SIGReg, epps_pulley, epps_pulley_reference, random_directions
+from hjepa.losses.sigreg import (
+    SIGReg,
+    epps_pulley,
+    epps_pulley_reference,
+    permuted_directions,
+    random_directions,
+    signed_permutation,
+)
 from tests import gloo
 
 
@@ -56,6 +63,33 @@ def test_fast_equals_direct_formula(shape, num_points):
     # float32 against the float64 value: the fast path is as accurate as the direct one.
     fast32 = epps_pulley(x.float(), num_points).double()
     torch.testing.assert_close(fast32, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_float32_fast_path_is_as_accurate_as_the_direct_formula():
+    # At a training-like size the fast float32 statistic and gradient must stay within three
+    # times the rounding error of the direct float32 formula, both against float64 (measured:
+    # 1.7x for the angle-addition table): a faster evaluation must not trade accuracy (a running
+    # recurrence to cos(16 theta) would accumulate several times more).
+    x = torch.randn(256, 64, generator=_gen(18), dtype=torch.float64) * 1.5 + 0.2
+    weights = torch.rand(64, generator=_gen(19), dtype=torch.float64)
+
+    def value_and_grad(fn, v):
+        leaf = v.clone().requires_grad_()
+        value = fn(leaf)
+        (value * weights.to(v.dtype)).sum().backward()
+        return value.detach().double(), leaf.grad.double()
+
+    exact, exact_grad = value_and_grad(epps_pulley_reference, x)
+    errors = {}
+    for name, fn in (("fast", epps_pulley), ("direct", epps_pulley_reference)):
+        value, grad = value_and_grad(fn, x.float())
+        errors[name] = (
+            ((value - exact).abs() / exact).max().item(),
+            ((grad - exact_grad).abs().max() / exact_grad.abs().max()).item(),
+        )
+    for fast, direct in zip(errors["fast"], errors["direct"]):
+        assert fast <= 3 * direct, errors
+    assert max(errors["fast"]) < 1e-5, errors
 
 
 def test_chunked_evaluation_matches_reference(monkeypatch):
@@ -154,6 +188,92 @@ def test_sigreg_uses_the_directions_of_its_step():
     assert sigreg(z, step=12).item() != sigreg(z, step=11).item()
 
 
+def test_sets_of_one_step_share_one_draw(monkeypatch):
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return random_directions(*args, **kwargs)
+
+    monkeypatch.setattr(sigreg_module, "random_directions", counting)
+    sigreg = SIGReg(num_slices=16, seed=3)
+    a, b = (torch.randn(40, 8, generator=_gen(s), dtype=torch.float64) for s in (20, 21))
+    values = [sigreg(a, step=7), sigreg(b, step=7)]
+    assert len(calls) == 1  # the second set of step 7 reused the first one's directions
+    directions = random_directions(8, 16, step=7, seed=3, dtype=torch.float64)
+    for z, value in zip((a, b), values):
+        torch.testing.assert_close(value, epps_pulley_reference(z @ directions).mean())
+    sigreg(a, step=8)
+    sigreg(a[:, :6], step=8)
+    sigreg(a.float(), step=8)
+    assert len(calls) == 4  # a new step, width or dtype draws again
+    assert sigreg(a, step=7).item() == values[0].item()  # a redraw of step 7: same directions
+
+
+def test_a_draw_under_inference_mode_is_not_reused_for_training():
+    sigreg = SIGReg(num_slices=8)
+    z = torch.randn(30, 5, generator=_gen(22), dtype=torch.float64)
+    with torch.inference_mode():
+        expected = sigreg(z, step=2)
+    leaf = z.clone().requires_grad_()
+    value = sigreg(leaf, step=2)
+    value.backward()
+    torch.testing.assert_close(value.detach(), expected)
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_permuted_draw_projects_on_signed_permutations_of_the_step0_directions():
+    pool = random_directions(12, 20, step=0, seed=4, dtype=torch.float64)
+    z = torch.randn(30, 12, generator=_gen(25), dtype=torch.float64)
+    sigreg = SIGReg(num_slices=20, seed=4, draw="permuted")
+    previous = None
+    for step in (0, 3, 9):
+        directions = permuted_directions(12, 20, step, seed=4, dtype=torch.float64)
+        perm, signs = signed_permutation(12, step, seed=4, dtype=torch.float64)
+        assert sorted(perm.tolist()) == list(range(12)) and set(signs.tolist()) == {-1.0, 1.0}
+        torch.testing.assert_close(directions[perm], pool * signs.unsqueeze(1), rtol=0, atol=0)
+        torch.testing.assert_close(directions.norm(dim=0), torch.ones(20, dtype=torch.float64))
+        expected = epps_pulley_reference(z @ directions).mean()
+        torch.testing.assert_close(sigreg(z, step=step), expected, rtol=1e-10, atol=0)
+        assert previous is None or not torch.equal(directions, previous)  # fresh every step
+        previous = directions
+    assert torch.autograd.gradcheck(
+        lambda v: SIGReg(num_slices=5, draw="permuted")(v, step=2),
+        (torch.randn(6, 4, generator=_gen(26), dtype=torch.float64, requires_grad=True),),
+    )
+    with pytest.raises(ValueError, match="draw must be one of"):
+        SIGReg(draw="hadamard")
+
+
+@pytest.mark.parametrize("kind", ["uniform", "anisotropic", "rank_one"])
+def test_permuted_draw_estimates_what_fresh_gaussian_directions_estimate(kind):
+    # Averaged over 16 steps, SIGReg with the permuted draw has the value and the gradient of
+    # fresh Gaussian directions on non-Gaussian embeddings: the gradients agree as well as
+    # those of two independent runs of 16 Gaussian steps agree with each other.
+    g = _gen(27)
+    z = {
+        "uniform": (torch.rand(256, 32, generator=g) - 0.5) * 12**0.5,
+        "anisotropic": torch.randn(256, 32, generator=g) * torch.linspace(0.2, 2.0, 32),
+        "rank_one": torch.randn(256, 1, generator=g) * torch.randn(1, 32, generator=g),
+    }[kind].double()
+    runs = {}
+    for name, draw, steps in (
+        ("gaussian", "gaussian", range(16)),
+        ("gaussian_again", "gaussian", range(16, 32)),
+        ("permuted", "permuted", range(16)),
+    ):
+        sigreg, leaf = SIGReg(num_slices=128, draw=draw), z.clone().requires_grad_()
+        value = sum(sigreg(leaf, step=step) for step in steps) / len(steps)
+        value.backward()
+        runs[name] = (value.item(), leaf.grad.flatten())
+
+    def cosine(a, b):
+        return torch.nn.functional.cosine_similarity(runs[a][1], runs[b][1], dim=0).item()
+
+    assert abs(runs["permuted"][0] / runs["gaussian"][0] - 1) < 0.05
+    assert cosine("gaussian", "permuted") > cosine("gaussian", "gaussian_again") - 0.05
+
+
 def test_half_precision_is_computed_in_float32():
     z = torch.randn(64, 16, generator=_gen(14))
     sigreg = SIGReg(num_slices=32)
@@ -196,14 +316,21 @@ def test_bad_inputs_raise_clear_errors():
 _SHARDS = (5, 7)  # unequal on purpose: N is the global batch size, not world_size * local size
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _ddp_loss(z: torch.Tensor, directions: torch.Tensor, draw: str | None) -> torch.Tensor:
+    """SIGReg on explicit directions, or drawn by ``draw`` at step 4 (the same on every rank)."""
+    if draw is None:
+        return SIGReg(num_slices=directions.shape[1])(z, directions)
+    return SIGReg(num_slices=directions.shape[1], draw=draw)(z, step=4)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, draw: str | None) -> None:
     gloo.join(rank, world, init_file)
     try:
         x, projection, directions = _ddp_inputs()
         start = sum(_SHARDS[:rank])
         shard = x[start : start + _SHARDS[rank]].clone().requires_grad_()
         weight = projection.clone().requires_grad_()
-        loss = SIGReg(num_slices=directions.shape[1])(shard @ weight, directions)
+        loss = _ddp_loss(shard @ weight, directions, draw)
         loss.backward()
         torch.save(
             {"loss": loss.detach(), "shard_grad": shard.grad, "weight_grad": weight.grad},
@@ -220,15 +347,19 @@ def _ddp_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, projection, random_directions(5, 9, step=4, dtype=torch.float64)
 
 
-def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks):
+@pytest.mark.parametrize("draw", [None, "permuted"])
+def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks, draw):
     world = len(_SHARDS)
     run_ranks(
-        _ddp_worker, (world, str(tmp_path / "init"), str(tmp_path)), world, start_method="fork"
+        _ddp_worker,
+        (world, str(tmp_path / "init"), str(tmp_path), draw),
+        world,
+        start_method="fork",
     )
     x, projection, directions = _ddp_inputs()
     x = x.clone().requires_grad_()
     weight = projection.clone().requires_grad_()
-    loss = SIGReg(num_slices=directions.shape[1])(x @ weight, directions)
+    loss = _ddp_loss(x @ weight, directions, draw)
     loss.backward()
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -242,3 +373,60 @@ def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks
     # What DDP does with parameter gradients: average them. That must be the true gradient.
     averaged = sum(res["weight_grad"] for res in results) / world
     torch.testing.assert_close(averaged, weight.grad, rtol=0, atol=1e-6)
+
+
+# --- benchmarks/bench_regularizers.py: every timed case does the work it is named for ---------
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_regularizers.py"
+    spec = importlib.util.spec_from_file_location("bench_regularizers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cases_compute_the_gradients_they_time():
+    bench = _bench_module()
+    z, z2 = (torch.randn(12, 8, generator=_gen(s)).requires_grad_() for s in (23, 24))
+    cases = bench._cases(z, z2, num_slices=16)
+    assert set(cases) == {
+        *("floor", "draw", "stat", "sigreg", "permuted", "direct", "vicreg", "vicreg2")
+    }
+    grads = {}
+    for name in ("floor", "sigreg", "permuted", "direct", "vicreg", "vicreg2"):
+        cases[name]()
+        grads[name] = z.grad.clone()
+        assert grads[name].abs().sum() > 0, name
+    assert z2.grad is not None and z2.grad.abs().sum() > 0  # the two-view call uses both views
+    assert not torch.equal(grads["vicreg"], grads["vicreg2"])  # and is not the one-set call
+
+
+def test_benchmark_prints_one_row_of_ratios_per_width(capsys):
+    _bench_module().main(["--device", "cpu", "--dims", "8", "16", "--repeats", "1"] + [
+        "--slices", "16", "--batch", "12"
+    ])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, rows = lines[1].split(), [line.split() for line in lines[2:]]
+    assert header[-4:] == ["sig/vic", "sig/vic2", "perm/vic", "dir/vic"]
+    assert [row[0] for row in rows] == ["8", "16"]
+    for row in rows:
+        assert len(row) == len(header) and all(float(cell) > 0 for cell in row[1:])
+
+
+def test_loss_sigreg_draw_reaches_both_sigreg_terms_of_the_objective():
+    from hjepa.config import ConfigError, LossConfig, load_config
+    from hjepa.losses.combined import Objective
+
+    cfg = load_config(None, ["loss.regularizer=sigreg", "loss.sigreg_draw=permuted"])
+    assert cfg.loss.sigreg_draw == "permuted"
+    assert load_config(None, []).loss.sigreg_draw == "gaussian"
+    with pytest.raises(ConfigError, match="sigreg_draw"):
+        load_config(None, ["loss.sigreg_draw=hadamard"])
+    loss = LossConfig(regularizer="sigreg", sigreg_draw="permuted", view_sigreg=0.5)
+    objective = Objective(loss, [1.0], multicrop_weight=1.0)
+    assert objective.sigreg.draw == objective.view_sigreg.draw == "permuted"
+    assert Objective(LossConfig(regularizer="sigreg"), [1.0]).sigreg.draw == "gaussian"

@@ -365,6 +365,10 @@ class LossConfig:
     )
     sigreg_weight: float = setting(0.05, "weight of SIGReg in the loss", ge=0.0)
     sigreg_slices: int = setting(1024, "random directions SIGReg projects on each step", ge=1)
+    sigreg_draw: Literal["gaussian", "permuted"] = setting(
+        "gaussian",
+        "SIGReg's directions: fresh Gaussian, or one Gaussian set signed-permuted per step",
+    )
     view_sigreg: float = setting(
         0.0, "weight of SIGReg on each view's pooled embedding (needs multi-crop; 0: off)", ge=0.0
     )

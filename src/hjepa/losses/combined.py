@@ -109,7 +109,9 @@ class Objective(nn.Module):
         self.loss = dataclasses.replace(loss)  # a copy: the terms cannot change under it
         self.level_weights = [float(w) for w in level_weights]
         self.grid_size = grid_size
-        self.sigreg = SIGReg(loss.sigreg_slices) if "sigreg" in terms else None
+        self.sigreg = (
+            SIGReg(loss.sigreg_slices, draw=loss.sigreg_draw) if "sigreg" in terms else None
+        )
         self.vicreg = (
             VICReg(loss.vicreg_inv_weight, loss.vicreg_var_weight, loss.vicreg_cov_weight)
             if "vicreg" in terms
@@ -119,7 +121,9 @@ class Objective(nn.Module):
         if loss.view_sigreg and multicrop_weight is None:
             raise ValueError("loss.view_sigreg needs multi-crop views (multicrop_weight)")
         # Its own directions' seed: the same step must not reuse the token SIGReg's slices.
-        self.view_sigreg = SIGReg(loss.sigreg_slices, seed=1) if loss.view_sigreg else None
+        self.view_sigreg = (
+            SIGReg(loss.sigreg_slices, seed=1, draw=loss.sigreg_draw) if loss.view_sigreg else None
+        )
 
     @classmethod
     def from_config(cls, cfg: Config, multicrop: bool = False) -> Objective:

@@ -54,7 +54,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from hjepa.config import CHOICES
 from hjepa.losses.distributed import is_distributed
+
+DRAWS = CHOICES["loss.sigreg_draw"]
 
 # Largest temporary per chunk of directions, in elements. On CPU a small working set stays in
 # cache (and avoids page faults on large fresh allocations); on accelerators one chunk is best,
@@ -316,6 +319,18 @@ def _mix_seed(seed: int, step: int) -> int:
     return value ^ (value >> 31)
 
 
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, step): on the device for CUDA, on the CPU otherwise."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        step = -1
+    if step < 0:
+        raise ValueError("step must be a non-negative integer (the global optimizer step)")
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    return generator.manual_seed(_mix_seed(seed, step))
+
+
 def random_directions(
     dim: int,
     num_slices: int,
@@ -332,18 +347,51 @@ def random_directions(
     """
     if dim < 1 or num_slices < 1:
         raise ValueError(f"need dim >= 1 and num_slices >= 1, got {dim} and {num_slices}")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        step = -1
-    if step < 0:
-        raise ValueError("step must be a non-negative integer (the global optimizer step)")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    generator = torch.Generator(device=gen_device)
-    generator.manual_seed(_mix_seed(seed, step))
-    d = torch.randn(dim, num_slices, generator=generator, dtype=dtype, device=gen_device)
+    generator = _step_generator(seed, step, device)
+    d = torch.randn(dim, num_slices, generator=generator, dtype=dtype, device=generator.device)
     return (d / d.norm(dim=0, keepdim=True)).to(device)
+
+
+def signed_permutation(
+    dim: int,
+    step: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``permuted`` draw's coordinate permutation ``[dim]`` and signs ``[dim]`` of a step."""
+    if dim < 1:
+        raise ValueError(f"need dim >= 1, got {dim}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    generator = _step_generator(seed, step, device)
+    perm = torch.randperm(dim, generator=generator, device=generator.device)
+    bits = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
+    return perm.to(device), (2 * bits - 1).to(dtype=dtype, device=device)
+
+
+def permuted_directions(
+    dim: int,
+    num_slices: int,
+    step: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The ``permuted`` draw's directions ``[dim, num_slices]`` of a step, written out.
+
+    The step-0 Gaussian directions with their coordinates permuted and sign-flipped by the
+    step's :func:`signed_permutation`: row ``perm[i]`` is ``signs[i]`` times row ``i``. Every
+    column keeps its unit norm. SIGReg never builds them: it permutes and signs the columns of
+    ``z`` instead, an ``N x D`` pass, since ``z @ directions == (z[:, perm] * signs) @ pool``.
+    """
+    pool = random_directions(dim, num_slices, 0, seed=seed, dtype=dtype, device=device)
+    perm, signs = signed_permutation(dim, step, seed=seed, dtype=dtype, device=device)
+    out = torch.empty_like(pool)
+    out[perm] = pool * signs.unsqueeze(1)
+    return out
 
 
 class SIGReg(nn.Module):
@@ -356,17 +404,22 @@ class SIGReg(nn.Module):
         seed: mixed with the step into the direction generator (same on every rank).
         distributed: aggregate over ranks (below); ``False`` for a statistic of this rank's
             data alone (a diagnostic that only rank 0 computes).
+        draw: ``gaussian`` (fresh Gaussian directions every step) or ``permuted`` (the step-0
+            Gaussian directions under a fresh random signed permutation of the coordinates
+            every step, :func:`permuted_directions`: no D x K draw per step; see
+            docs/regularizers.md for what changes statistically).
 
     Call as ``sigreg(z, step=global_step)`` with ``z`` of shape ``[N, D]``: fresh directions are
     drawn from a generator seeded by ``(seed, step)``, so every rank uses the same ones and a
-    resumed run draws the same ones as an uninterrupted run. There is deliberately no internal
-    step counter (it would drift under gradient accumulation and be lost on resume): omitting
-    both ``step`` and ``directions`` is an error. Explicit unit ``directions [D, K]`` override
-    the draw. Under ``torch.distributed`` with several processes, the empirical characteristic
-    functions are summed over ranks with gradient and :math:`N` is the global batch size; every
-    rank must call the module. As with any loss that every rank evaluates on the global batch,
-    a rank's gradient for its shard is ``world_size`` times its share, which DDP's gradient
-    averaging divides back out.
+    resumed run draws the same ones as an uninterrupted run; further calls with the same step
+    and width (the other sets of embeddings of that step) reuse the draw. There is deliberately
+    no internal step counter (it would drift under gradient accumulation and be lost on
+    resume): omitting both ``step`` and ``directions`` is an error. Explicit unit
+    ``directions [D, K]`` override the draw. Under ``torch.distributed`` with several processes,
+    the empirical characteristic functions are summed over ranks with gradient and :math:`N` is
+    the global batch size; every rank must call the module. As with any loss that every rank
+    evaluates on the global batch, a rank's gradient for its shard is ``world_size`` times its
+    share, which DDP's gradient averaging divides back out.
 
     Computed in float32 (float64 inputs stay float64) with autocast and TF32 off: the statistic
     is built from differences of characteristic functions that half precision cannot resolve.
@@ -380,19 +433,56 @@ class SIGReg(nn.Module):
         seed: int = 0,
         *,
         distributed: bool = True,
+        draw: str = "gaussian",
     ) -> None:
         super().__init__()
         if not isinstance(num_slices, int) or num_slices < 1:
             raise ValueError(f"num_slices must be a positive int, got {num_slices!r}")
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
         _check_statistic_args(num_points, t_max)
         self.num_slices = num_slices
         self.num_points = num_points
         self.t_max = float(t_max)
         self.seed = seed
         self.distributed = distributed
+        self.draw = draw
+        self._drawn: dict[str, tuple[tuple, object]] = {}  # the last draw of each kind
+
+    def _cached(self, kind: str, key: tuple, make) -> object:
+        key = (*key, torch.is_inference_mode_enabled())
+        if kind not in self._drawn or self._drawn[kind][0] != key:
+            self._drawn[kind] = (key, make())
+        return self._drawn[kind][1]
+
+    def _project(self, z: Tensor, step: int) -> Tensor:
+        """Projections ``[N, K]`` on the step's directions, drawn once for all the sets of
+        embeddings of one step (and, for ``permuted``, the pool once per run)."""
+        dim, opts = z.shape[1], {"seed": self.seed, "dtype": z.dtype, "device": z.device}
+        if self.draw == "gaussian":
+            directions = self._cached(
+                "directions",
+                (dim, step, z.dtype, z.device),
+                lambda: random_directions(dim, self.num_slices, step, **opts),
+            )
+            return (directions.mT @ z.mT).mT
+        pool = self._cached(
+            "pool",
+            (dim, z.dtype, z.device),
+            lambda: random_directions(dim, self.num_slices, 0, **opts),
+        )
+        perm, signs = self._cached(
+            "permutation",
+            (dim, step, z.dtype, z.device),
+            lambda: signed_permutation(dim, step, **opts),
+        )
+        return (pool.mT @ (z.index_select(1, perm) * signs).mT).mT
 
     def extra_repr(self) -> str:
-        return f"num_slices={self.num_slices}, num_points={self.num_points}, t_max={self.t_max}"
+        return (
+            f"num_slices={self.num_slices}, num_points={self.num_points}, t_max={self.t_max}, "
+            f"draw={self.draw}"
+        )
 
     def forward(
         self, z: Tensor, directions: Tensor | None = None, step: int | None = None
@@ -411,17 +501,15 @@ class SIGReg(nn.Module):
                         "sigreg(z, step=global_step) with the same step on every rank, "
                         "or pass directions=[D, K] unit columns"
                     )
-                directions = random_directions(
-                    z.shape[1], self.num_slices, step, seed=self.seed, dtype=z.dtype,
-                    device=z.device,
-                )  # fmt: skip
+                # Slice-major projections ([K, N] contiguous) are what the statistic reads.
+                projections = self._project(z, step)
             elif directions.ndim != 2 or directions.shape[0] != z.shape[1]:
                 raise ValueError(
                     f"directions must have shape [D, K] = [{z.shape[1]}, K], "
                     f"got {tuple(directions.shape)}"
                 )
-            # Slice-major projections ([K, N] contiguous) are what the statistic reads.
-            projections = (directions.to(z.dtype).mT @ z.mT).mT
+            else:
+                projections = (directions.to(z.dtype).mT @ z.mT).mT
             return epps_pulley(
                 projections, self.num_points, self.t_max, distributed=self.distributed
             ).mean()
