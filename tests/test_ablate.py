@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -24,6 +23,7 @@ from hjepa.experiments.ablate import (
 )
 from hjepa.experiments.report import ablation_markdown, ablation_rows, fmt_mean_std, group_runs
 from hjepa.train.trainer import train
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,11 +198,7 @@ def test_summarize_runs_script_prints_the_same_table(tmp_path, capsys):
         write_eval(tmp_path / "runs" / name, knn, knn, False)
         cfg = load_config(None, [*TINY, f"run.dir={tmp_path / 'runs' / name}"])
         (tmp_path / "runs" / name / "config.yaml").write_text(dump_yaml(cfg))
-    spec = importlib.util.spec_from_file_location(
-        "summarize_runs", ROOT / "benchmarks" / "summarize_runs.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("summarize_runs")
     assert script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
     rows = ablation_rows(group_runs(sorted((tmp_path / "runs").iterdir())))
@@ -246,11 +242,7 @@ def test_online_table_reads_the_last_probe_of_each_run(tmp_path):
 
 
 def test_run_variants_skips_duplicate_configs_and_respects_the_deadline(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "run_variants", ROOT / "benchmarks" / "run_variants.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("run_variants")
     variants = [
         ("none", ["loss.regularizer=none"]),
         ("fixed", ["train.ema_timing=after_step", "loss.regularizer=none"]),  # defaults: same

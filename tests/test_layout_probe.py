@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).parents[1]
+from tests.benchmark_scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "layout_probe", ROOT / "benchmarks" / "layout_probe.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("layout_probe")
 
 
 def test_grid_features_keep_every_cell_in_place_and_the_mean_averages_them():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +12,7 @@ from hjepa.models.predictor import Predictor, shared_attention_mask
 from hjepa.models.vit import Block, ContextBlocks, run_blocks
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import Trainer
+from tests.benchmark_scripts import load_benchmark
 
 # -- presets ------------------------------------------------------------------------------------
 
@@ -221,11 +219,7 @@ def test_image_folder_training_decodes_in_workers_and_logs_skipped_images(tiny_c
 
 
 def test_gpu_check_busy_time_counts_overlapping_kernels_once():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("gpu_check")
     # [0, 15) from two overlapping kernels, [20, 25) holding a nested one, an empty interval.
     intervals = [(22.0, 23.0), (5.0, 15.0), (0.0, 10.0), (20.0, 25.0), (30.0, 30.0)]
     assert script.busy_time(intervals) == 20.0

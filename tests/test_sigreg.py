@@ -19,6 +19,7 @@ from hjepa.losses.sigreg import (
     signed_permutation,
 )
 from tests import gloo
+from tests.benchmark_scripts import load_benchmark
 
 
 def epps_pulley_by_hand(x: np.ndarray, num_points: int = 17, t_max: float = 3.0) -> np.ndarray:
@@ -379,14 +380,7 @@ def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks
 
 
 def _bench_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_regularizers.py"
-    spec = importlib.util.spec_from_file_location("bench_regularizers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_regularizers")
 
 
 def test_benchmark_cases_compute_the_gradients_they_time():

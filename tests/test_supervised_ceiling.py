@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from hjepa.config import load_config
+from tests.benchmark_scripts import load_benchmark
 from tests.test_learning import write_digits_folder
-
-ROOT = Path(__file__).parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "supervised_ceiling", ROOT / "benchmarks" / "supervised_ceiling.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("supervised_ceiling")
 
 
 SMALL = [

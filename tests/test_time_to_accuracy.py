@@ -1,7 +1,6 @@
 """benchmarks/time_to_accuracy.py: the curve is the uninterrupted run's, probed like the trainer
 probes, with pixel and random-init baselines, and a killed benchmark continues its curve."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 from hjepa.config import load_config
 from hjepa.train.monitor import OnlineProbe
 from hjepa.train.trainer import Trainer
+from tests.benchmark_scripts import load_benchmark
 
 from .conftest import TINY
 
@@ -17,12 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "time_to_accuracy", ROOT / "benchmarks" / "time_to_accuracy.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_benchmark("time_to_accuracy")
 
 
 OVERRIDES = [*TINY, "train.max_steps=4", "train.knn_bank_size=96", "train.knn_query_size=32"]
