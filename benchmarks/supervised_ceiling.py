@@ -29,6 +29,7 @@ from hjepa.eval.knn import knn_accuracy
 from hjepa.models.hjepa import build_encoder
 from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, warmup_cosine
+from hjepa.train.sizes import total_steps, warmup_steps
 
 NETWORKS = ("vit", "cnn")
 
@@ -103,8 +104,8 @@ def supervised_ceiling(cfg: Config, network: str = "vit") -> dict:
     steps_per_epoch = len(xs) // t.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={t.batch_size} exceeds the {len(xs)} training images")
-    total = t.max_steps or t.epochs * steps_per_epoch
-    warmup = o.warmup_steps or round(o.warmup_fraction * total)
+    total = total_steps(cfg, steps_per_epoch)  # the trainer's own step counts
+    warmup = warmup_steps(cfg, total)
     gen = torch.Generator().manual_seed(t.seed)
     started = time.perf_counter()
     step = 0
