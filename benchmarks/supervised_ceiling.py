@@ -8,8 +8,9 @@ the mean of the encoder's tokens. Prints one JSON line: the head's test accuracy
 (``eval.knn_k``) of the mean-pooled features, all 60 000 / 10 000 images. If labels cannot
 beat raw pixels at this budget, no self-supervised objective will: the architecture,
 augmentation or budget has to change first. ``--network cnn`` trains a textbook two-convolution
-network instead (:class:`ReferenceCNN`) under the same data, schedule and steps. Pixels are
-scaled to [-1, 1] (mean = std = 0.5).
+network instead (:class:`ReferenceCNN`) under the same data, schedule and steps; ``--network
+cnn_mean`` the same convolutions with a per-cell hidden layer, read out as the mean of its cells
+(as ``hjepa eval`` reads an encoder). Pixels are scaled to [-1, 1] (mean = std = 0.5).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, warmup_cosine
 from hjepa.train.sizes import total_steps, warmup_steps
 
-NETWORKS = ("vit", "cnn")
+NETWORKS = ("vit", "cnn", "cnn_mean")
+READOUTS = ("flatten", "mean")  # of ReferenceCNN: in place, or the mean of its cells
 
 
 @torch.no_grad()
@@ -57,28 +59,37 @@ def _in_memory(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 class ReferenceCNN(torch.nn.Module):
     """The textbook two-convolution network (3x3 conv 32 + pool, 3x3 conv 64 + pool, a
     128-wide hidden layer): how fast a network with a convolution's priors learns the same
-    labels. It returns its hidden layer as one "token" ``[B, 1, 128]``, so the rest of the
-    harness treats it like the ViT."""
+    labels. ``readout="flatten"``: the hidden layer reads the whole 64-channel map in place and
+    is returned as one "token" ``[B, 1, 128]``. ``readout="mean"``: the hidden layer is a 1x1
+    convolution, applied at every cell, and the cells are returned as tokens ``[B, N, 128]``,
+    which the harness averages like the ViT's: the same network read out the way ``hjepa eval``
+    reads an encoder (mean of its tokens, no layout)."""
 
     width = 128
 
-    def __init__(self, in_channels: int, image_size: int):
+    def __init__(self, in_channels: int, image_size: int, readout: str = "flatten"):
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         side = image_size // 4
-        self.net = torch.nn.Sequential(
+        layers = [
             torch.nn.Conv2d(in_channels, 32, 3, padding=1),
             torch.nn.GELU(),
             torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(32, 64, 3, padding=1),
             torch.nn.GELU(),
             torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(64 * side * side, self.width),
-            torch.nn.GELU(),
-        )
+        ]
+        if readout == "flatten":
+            layers += [torch.nn.Flatten(), torch.nn.Linear(64 * side * side, self.width)]
+        else:
+            layers += [torch.nn.Conv2d(64, self.width, 1)]
+        self.net = torch.nn.Sequential(*layers, torch.nn.GELU())
+        self.readout = readout
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).unsqueeze(1)
+        out = self.net(images)
+        return out.unsqueeze(1) if self.readout == "flatten" else out.flatten(2).transpose(1, 2)
 
 
 def supervised_ceiling(cfg: Config, network: str = "vit") -> dict:
@@ -93,8 +104,10 @@ def supervised_ceiling(cfg: Config, network: str = "vit") -> dict:
     train_set, test_set = dataset_from_config(cfg, "train"), dataset_from_config(cfg, "test")
     (xs, ys), (test_x, test_y) = _in_memory(train_set), _in_memory(test_set)
     mean, std = [0.5] * train_set.channels, [0.5] * train_set.channels
-    if network == "cnn":
-        encoder, width = ReferenceCNN(train_set.channels, d.image_size), ReferenceCNN.width
+    if network in ("cnn", "cnn_mean"):
+        readout = "mean" if network == "cnn_mean" else "flatten"
+        encoder = ReferenceCNN(train_set.channels, d.image_size, readout)
+        width = ReferenceCNN.width
     else:
         encoder = build_encoder(cfg.model, d.image_size, train_set.channels)
         width = cfg.model.embed_dim
@@ -149,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="quickstart", help="preset name or YAML path")
     parser.add_argument(
-        "--network", choices=NETWORKS, default="vit", help="the preset's ViT or ReferenceCNN"
+        "--network",
+        choices=NETWORKS,
+        default="vit",
+        help="the preset's ViT or ReferenceCNN (flatten or mean readout)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)

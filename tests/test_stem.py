@@ -1,13 +1,15 @@
-"""model.stem=conv: a stride-2 3x3 convolution stack in place of the patch projection."""
+"""model.stem=conv/deepconv/convpool: convolution stacks in place of the patch projection."""
 
 import pytest
 import torch
 
 from hjepa.config import ConfigError
+from hjepa.data.masks import MultiBlockMaskSampler
 from hjepa.export import export_run, load_exported_encoder
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import ConvStem, VisionTransformer, input_channels
 from hjepa.train.trainer import Trainer
+from tests.benchmark_scripts import load_benchmark
 
 
 def _encoder(stem: str, patch_size: int = 4) -> VisionTransformer:
@@ -59,10 +61,18 @@ def test_conv_stem_needs_a_power_of_two_patch(tiny_config):
         tiny_config("data.image_size=30", "model.patch_size=6", "model.stem=conv")
     with pytest.raises(ConfigError, match="model.stem='convnext' is not one of"):
         tiny_config("model.stem=convnext")
+    for kind in ("deepconv", "convpool"):
+        with pytest.raises(ConfigError, match=f"model.stem={kind} needs a power-of-2"):
+            tiny_config("data.image_size=30", "model.patch_size=6", f"model.stem={kind}")
+        with pytest.raises(ValueError, match="power-of-2"):
+            ConvStem(1, 32, 1, kind)
+    with pytest.raises(ValueError, match="conv stem kind 'patch' is not one of"):
+        ConvStem(1, 32, 4, "patch")
 
 
-def test_conv_stem_trains_and_exports(tiny_config, tmp_path):
-    cfg = tiny_config("train.max_steps=2", "model.stem=conv")
+@pytest.mark.parametrize("kind", ["conv", "deepconv", "convpool"])
+def test_conv_stem_trains_and_exports(tiny_config, tmp_path, kind):
+    cfg = tiny_config("train.max_steps=2", f"model.stem={kind}")
     trainer = Trainer(cfg)
     before = trainer.model.context_encoder.stem.convs[0].weight.detach().clone()
     trainer.fit()
@@ -71,12 +81,98 @@ def test_conv_stem_trains_and_exports(tiny_config, tmp_path):
     state = trainer.model.target_encoder.state_dict()
     assert input_channels(state) == 1
     assert input_channels(build_encoder(tiny_config().model, 32, 3).state_dict()) == 3
+    assert input_channels(build_encoder(cfg.model, 32, 3).state_dict()) == 3
     weights, _ = export_run(tmp_path / "run")
     encoder = load_exported_encoder(weights)
     images = torch.rand(2, 1, 32, 32)
     reference = build_encoder(cfg.model, 32, 1)
     reference.load_state_dict(state)
     assert torch.equal(encoder(images), reference.eval()(images))
+
+
+def _layers(stem: ConvStem) -> list[tuple]:
+    return [
+        ("conv", m.in_channels, m.out_channels, m.stride[0])
+        if isinstance(m, torch.nn.Conv2d)
+        else ("pool", m.kernel_size)
+        for m in stem.convs
+        if isinstance(m, torch.nn.Conv2d | torch.nn.MaxPool2d)
+    ]
+
+
+def test_deeper_stems_have_their_layouts_and_the_patch_grid():
+    # patch 4, width 32: two halving stages of 16 then 32 channels, then the 1x1 projection
+    assert _layers(ConvStem(1, 32, 4, "deepconv")) == [
+        ("conv", 1, 16, 1),
+        ("conv", 16, 16, 2),
+        ("conv", 16, 32, 1),
+        ("conv", 32, 32, 2),
+    ]
+    assert _layers(ConvStem(1, 32, 4, "convpool")) == [
+        ("conv", 1, 16, 1),
+        ("pool", 2),
+        ("conv", 16, 32, 1),
+        ("pool", 2),
+    ]
+    images = torch.rand(2, 3, 32, 32)
+    for kind in ("conv", "deepconv", "convpool"):
+        for patch in (2, 4, 8, 16):
+            stem = ConvStem(3, 32, patch, kind)
+            assert len(_layers(stem)) == (1 if kind == "conv" else 2) * (patch.bit_length() - 1)
+            assert stem(images).shape == (2, 32, 32 // patch, 32 // patch)
+    for kind in ("deepconv", "convpool"):
+        torch.manual_seed(0)
+        encoder = VisionTransformer(28, 4, 1, 32, 2, 2, stem=kind)
+        assert encoder(torch.rand(2, 1, 28, 28)).shape == (2, 49, 32)
+        assert not hasattr(encoder, "patch_embed")
+
+
+@pytest.mark.parametrize(
+    "kind, field", [("conv", (-3, 7)), ("deepconv", (-6, 13)), ("convpool", (-3, 10))]
+)
+def test_receptive_field_is_the_set_of_tokens_a_pixel_moves(kind, field):
+    """By hand, patch 4: conv: 4b-3 .. 4b+3; deepconv: a stride-1 conv (+-1 pixel) before
+    each stride-2 one adds 1 + 2 = 3 pixels on each side: 4b-6 .. 4b+6; convpool: conv (+-1),
+    pool (+1 on the right), conv at stride 2 (+-2), pool (+2 on the right): 4b-3 .. 4b+6.
+    A large push (+-50) makes a moved pixel win the max of every pool window it reaches."""
+    torch.manual_seed(0)
+    stem = ConvStem(1, 32, 4, kind)
+    assert stem.receptive_field() == field
+    first, size = field
+    images = torch.rand(1, 1, 28, 28)
+    for pixel in range(28):
+        expected = {b for b in range(7) if first + 4 * b <= pixel < first + 4 * b + size}
+        for push in (50.0, -50.0):
+            moved = images.clone()
+            moved[0, 0, pixel, pixel] += push
+            diff = (stem(moved) - stem(images)).abs().sum(1)[0]  # [7, 7]
+            cells = {(int(r), int(c)) for r, c in (diff > 1e-6).nonzero()}
+            assert cells == {(r, c) for r in expected for c in expected}, (pixel, push)
+
+
+def test_leaked_target_fraction_matches_the_tokens_the_pixels_move():
+    """benchmarks/stem_cost.py: the target pixels inside some context token's receptive field,
+    from the analytic field, equal those whose change moves a context token of the stem."""
+    cost = load_benchmark("stem_cost")
+    masks = MultiBlockMaskSampler(7, levels=3).sample(3, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    stem = ConvStem(1, 32, 4, "deepconv")
+    images = torch.rand(3, 1, 28, 28)
+    base = stem(images).flatten(2)  # [3, 32, 49]
+    moved_context = torch.zeros(3, 28, 28, dtype=torch.bool)
+    for y in range(28):
+        for x in range(28):
+            moved = images.clone()
+            moved[:, 0, y, x] += 50.0
+            changed = (stem(moved).flatten(2) - base).abs().sum(1) > 1e-6  # [3, 49]
+            moved_context[:, y, x] = (changed & masks.context).any(1)
+    target = masks.targets.any(1).view(3, 7, 7)
+    target_px = target.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    by_hand = (moved_context & target_px).sum((1, 2)) / target_px.sum((1, 2))
+    got = cost.leaked_fraction(masks, *stem.receptive_field(), 4, 28)
+    torch.testing.assert_close(got, by_hand)
+    assert (got > 0).all()  # deepconv context tokens do see target pixels
+    assert (cost.leaked_fraction(masks, 0, 4, 4, 28) == 0).all()  # a patch embedding never
 
 
 # -- loss.view_sigreg: SIGReg on each view's pooled embedding (LeJEPA) -------------------------

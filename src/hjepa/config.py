@@ -272,8 +272,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     patch_size: int = setting(4, "side of a patch (one token) in pixels", ge=1)
-    stem: Literal["patch", "conv"] = setting(
-        "patch", "patch: one linear projection per patch (ViT); conv: stride-2 3x3 conv stack"
+    stem: Literal["patch", "conv", "deepconv", "convpool"] = setting(
+        "patch",
+        "patch: a linear map per patch; conv, deepconv, convpool: conv stacks (encoder_options.md)",
     )
     embed_dim: int = setting(
         192, "token width of the encoders, a multiple of 4 and of num_heads", ge=4
@@ -971,9 +972,9 @@ def _validate_encoder_options(cfg: Config) -> None:
                     f" = {dim}/{heads}: change the width or the number of heads"
                 )
     p = m.patch_size
-    if m.stem == "conv" and (p < 2 or p & (p - 1)):
+    if m.stem != "patch" and (p < 2 or p & (p - 1)):
         raise ConfigError(
-            f"model.stem=conv needs a power-of-2 model.patch_size >= 2 (one stride-2 conv per "
+            f"model.stem={m.stem} needs a power-of-2 model.patch_size >= 2 (one stage per "
             f"halving), got {p}: use patch_size 2, 4, 8 or 16, or model.stem=patch"
         )
     if m.fpn != "none" and m.levels < 2:

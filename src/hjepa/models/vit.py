@@ -28,6 +28,7 @@ from hjepa.models.rope import apply_rope, grid_positions, rope_tables
 ATTENTION_BACKENDS = CHOICES["model.attention"]
 POS_EMBEDS = CHOICES["model.pos_embed"]
 STEMS = CHOICES["model.stem"]
+CONV_STEMS = tuple(s for s in STEMS if s != "patch")  # the ConvStem kinds
 
 Rope = tuple[Tensor, Tensor] | None  # (cos, sin) tables [B, 1, N, head_dim/2]
 
@@ -275,27 +276,63 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
 
 class ConvStem(nn.Module):
     """Early convolutions (Xiao et al., 2021) in place of the one-shot patch projection:
-    ``log2(patch_size)`` 3x3 convolutions of stride 2, each followed by GELU, widths doubling up
-    to ``embed_dim``, then a 1x1 projection to ``embed_dim``. Same token grid as a patch
-    embedding of ``patch_size``, but each token sees a 3x3-conv receptive field that overlaps
-    its neighbours' by a few pixels, and the pixels-to-token map is non-linear.
+    ``log2(patch_size)`` stages that each halve the image, widths doubling up to ``embed_dim``,
+    then a 1x1 projection to ``embed_dim``. Same token grid as a patch embedding of
+    ``patch_size``, but the pixels-to-token map is non-linear and each token's receptive field
+    overlaps its neighbours' (:meth:`receptive_field`). A stage (``kind``):
+
+    - ``conv``: one 3x3 convolution of stride 2 + GELU;
+    - ``deepconv``: a 3x3 convolution of stride 1 + GELU at the stage's input resolution, then
+      the stride-2 one + GELU (twice the depth, most of it at the finer resolution);
+    - ``convpool``: a 3x3 convolution of stride 1 + GELU, then 2x2 max pooling (the layout of the
+      textbook two-convolution CNN).
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, kind: str = "conv"):
         super().__init__()
+        if kind not in CONV_STEMS:
+            raise ValueError(f"conv stem kind {kind!r} is not one of {CONV_STEMS}")
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"a conv stem needs a power-of-2 patch size >= 2, got {patch_size}")
-        n = patch_size.bit_length() - 1  # stride-2 convolutions
+        n = patch_size.bit_length() - 1  # halvings
         widths = [max(embed_dim >> (n - 1 - i), 8) for i in range(n)]
         layers: list[nn.Module] = []
         for width in widths:
-            layers += [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.GELU()]
+            layers += _stem_stage(kind, in_channels, width)
             in_channels = width
         self.convs = nn.Sequential(*layers)
         self.proj = nn.Conv2d(in_channels, embed_dim, 1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(self.convs(images))
+
+    def receptive_field(self) -> tuple[int, int]:
+        """``(first, size)`` on each axis: token ``b`` of the grid sees input pixels
+        ``first + b * patch_size`` to ``first + b * patch_size + size - 1`` (its own patch is
+        ``b * patch_size`` to ``(b + 1) * patch_size - 1``), zero padding included."""
+        first, size, jump = 0, 1, 1
+        for layer in self.convs:
+            if isinstance(layer, nn.Conv2d | nn.MaxPool2d):
+                k, s, p = (_pair(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
+                first -= p * jump
+                size += (k - 1) * jump
+                jump *= s
+        return first, size
+
+
+def _pair(value: int | tuple[int, ...]) -> int:
+    """One side of a square kernel/stride/padding setting."""
+    return value if isinstance(value, int) else value[0]
+
+
+def _stem_stage(kind: str, in_channels: int, width: int) -> list[nn.Module]:
+    """The layers of one halving stage of a :class:`ConvStem` of ``kind``."""
+    if kind == "conv":
+        return [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.GELU()]
+    first = [nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU()]
+    if kind == "deepconv":
+        return first + [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GELU()]
+    return first + [nn.MaxPool2d(2)]  # convpool
 
 
 def input_channels(encoder_state: dict[str, Tensor]) -> int:
@@ -340,8 +377,8 @@ class VisionTransformer(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.rope = pos_embed == "rope"
         self.grad_checkpointing = grad_checkpointing
-        if stem == "conv":
-            self.stem = ConvStem(in_channels, embed_dim, patch_size)
+        if stem != "patch":
+            self.stem = ConvStem(in_channels, embed_dim, patch_size, stem)
         else:
             self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
         table = None if self.rope else sincos_2d(embed_dim, self.grid_size)
