@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="quickstart,quickstart_repeat")
     parser.add_argument("--probe", action="store_true", help="time the online kNN probe once")
+    parser.add_argument(
+        "--samples-out", type=Path, help="also write every sample (side -> [wall s, CPU s]) here"
+    )
     args = parser.parse_args(argv)
     if not (args.ijepa / "src" / "models" / "vision_transformer.py").is_file():
         parser.error(f"{args.ijepa} is not a checkout of facebookresearch/ijepa")
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if probe is not None:
         report["probe_s"] = probe
         report["knn_every"] = load_config("quickstart").train.knn_every  # the preset's cadence
+    if args.samples_out:  # runs can be pooled: each sample's ratios stand on their own
+        args.samples_out.write_text(json.dumps(samples))
     print(json.dumps(report, indent=2))
     return 0
 

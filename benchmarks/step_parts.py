@@ -14,6 +14,10 @@ MLP's first matmul (``B*49 x 192 -> 768``, 16 calls in a row). FLOPs are counted
 ``FlopCounterMode`` (SDPA's math kernel for the count, whose work the fused kernel does too).
 Prints, per part, the median time, its GFLOP and its GFLOP/s as a fraction of the probe's, per
 repeat, in one run: 1.0 would be a part that runs every FLOP at the speed of that matmul.
+
+``--attention auto,math_grad,math`` instead times the model and loss forward + backward under
+each ``model.attention`` choice in turn, per repeat on the same batch, and prints each choice's
+median time and the median and quartiles of its per-repeat speedup over the first choice.
 """
 
 from __future__ import annotations
@@ -73,10 +77,50 @@ def parts(trainer) -> dict:
     }
 
 
+def compare_attention(step, args) -> dict:
+    """``step`` under each ``args.attention`` choice in turn, ``args.repeats`` times."""
+    from hjepa.models.vit import attention_backend
+
+    choices = args.attention.split(",")
+    times: dict[str, list[float]] = {name: [] for name in choices}
+    begin = time.perf_counter()
+    for i in range(args.repeats + 1):  # the first round warms up
+        if args.budget_s and i > 2 and time.perf_counter() - begin > args.budget_s:
+            break
+        for name in choices if i % 2 else choices[::-1]:  # alternate the order
+            with attention_backend(name):
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+            if i:
+                times[name].append(elapsed)
+    base = times[choices[0]]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        q1, median, q3 = statistics.quantiles(values, n=4)
+        return {"median": median, "q25": q1, "q75": q3}
+
+    return {
+        "threads": args.threads,
+        "repeats": len(base),
+        "overrides": args.overrides,
+        "ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
+        "speedup_vs_" + choices[0]: {
+            name: spread([b / t for b, t in zip(base, ts)]) for name, ts in times.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--attention", help="compare model.attention choices, comma separated (first: baseline)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=0, help="with --attention: stop repeating after this"
+    )
     parser.add_argument("overrides", nargs="*", help="config key=value after the race's ViT")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*RACE_VIT, *_data_overrides(), *args.overrides, "run.dir=/tmp/hjepa_parts_unused"]
     trainer = Trainer(load_config("quickstart", overrides))
     timed = parts(trainer)
+    if args.attention:
+        report = compare_attention(timed["model_and_loss_forward_backward"], args)
+        print(json.dumps(report, indent=2))
+        return 0
     flops = {"sgemm": 2 * SGEMM[0] * SGEMM[1] * SGEMM[2] * SGEMM_CALLS}
     with attention_backend("math"):
         for name, fn in timed.items():
