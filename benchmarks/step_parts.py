@@ -15,7 +15,7 @@ MLP's first matmul (``B*49 x 192 -> 768``, 16 calls in a row). FLOPs are counted
 Prints, per part, the median time, its GFLOP and its GFLOP/s as a fraction of the probe's, per
 repeat, in one run: 1.0 would be a part that runs every FLOP at the speed of that matmul.
 
-``--attention auto,math_grad,math`` instead times the model and loss forward + backward under
+``--attention auto,math`` instead times the model and loss forward + backward under
 each ``model.attention`` choice in turn, per repeat on the same batch, and prints each choice's
 median time and the median and quartiles of its per-repeat speedup over the first choice.
 """
