@@ -9,13 +9,16 @@ For each embedding width D it times, interleaved (round-robin repeats, median):
   (``epps_pulley`` on fixed projections, forward + backward);
 * ``permuted``: ``SIGReg(draw="permuted")``, the step-0 directions under a fresh signed
   coordinate permutation per step instead of a fresh D x K Gaussian draw;
+* ``powers``, ``perm+pow`` and ``stat_pow``: ``sigreg``, ``permuted`` and ``stat`` with
+  ``evaluation="powers"`` (4 cosines per projected value and complex products, not 16 cosines);
 * ``direct``: SIGReg with the direct formula (``epps_pulley_reference``);
 * ``vicreg``: ``VICReg()(z)``, variance + covariance of the same one set ``z``;
 * ``vicreg2``: ``VICReg()(z, z2)``, the call the trainer makes (two views: variance and
   covariance of each, plus invariance), about twice ``vicreg``.
 
-Ratios: ``sig/vic`` (the issue's measure, against the one-set VICReg), ``perm/vic`` and
-``dir/vic``; ``sig/vic2`` compares with what a VICReg run pays per step.
+Ratios: ``sig/vic`` (the issue's measure, against the one-set VICReg), ``perm/vic``,
+``pow/vic``, ``p+p/vic`` (``perm+pow``) and ``dir/vic``; ``sig/vic2`` compares with what a
+VICReg run pays per step.
 
 Usage: ``python benchmarks/bench_regularizers.py [--quick] [--device cpu|cuda] [--threads T]``.
 Wall times are printed, never asserted.
@@ -50,6 +53,8 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
 def _cases(z: torch.Tensor, z2: torch.Tensor, num_slices: int) -> dict[str, Callable[[], None]]:
     sigreg, vicreg = SIGReg(num_slices=num_slices), VICReg()
     permuted_sigreg = SIGReg(num_slices=num_slices, draw="permuted")
+    powers_sigreg = SIGReg(num_slices=num_slices, evaluation="powers")
+    permuted_powers_sigreg = SIGReg(num_slices=num_slices, draw="permuted", evaluation="powers")
     dim, step = z.shape[1], iter(range(10**9))
     fixed = random_directions(dim, num_slices, 0, device=z.device)
     projected = (z.detach() @ fixed).requires_grad_()
@@ -66,6 +71,10 @@ def _cases(z: torch.Tensor, z2: torch.Tensor, num_slices: int) -> dict[str, Call
         projected.grad = None
         epps_pulley(projected).mean().backward()
 
+    def stat_powers() -> None:
+        projected.grad = None
+        epps_pulley(projected, evaluation="powers").mean().backward()
+
     def fast() -> None:
         z.grad = None
         sigreg(z, step=next(step)).backward()
@@ -73,6 +82,14 @@ def _cases(z: torch.Tensor, z2: torch.Tensor, num_slices: int) -> dict[str, Call
     def permuted() -> None:
         z.grad = None
         permuted_sigreg(z, step=next(step)).backward()
+
+    def powers() -> None:
+        z.grad = None
+        powers_sigreg(z, step=next(step)).backward()
+
+    def permuted_powers() -> None:
+        z.grad = None
+        permuted_powers_sigreg(z, step=next(step)).backward()
 
     def direct() -> None:
         z.grad = None
@@ -91,8 +108,11 @@ def _cases(z: torch.Tensor, z2: torch.Tensor, num_slices: int) -> dict[str, Call
         "floor": floor,
         "draw": draw,
         "stat": stat,
+        "stat_pow": stat_powers,
         "sigreg": fast,
         "permuted": permuted,
+        "powers": powers,
+        "perm+pow": permuted_powers,
         "direct": direct,
         "vicreg": vic,
         "vicreg2": vic2,
@@ -136,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         f"device={name} threads={torch.get_num_threads()} N={args.batch} K={args.slices} "
         f"repeats={repeats} (median ms of forward+backward, interleaved)"
     )
-    names = ["draw", "floor", "stat", "sigreg", "permuted", "direct", "vicreg", "vicreg2"]
+    names = ["draw", "floor", "stat", "stat_pow", "sigreg", "permuted", "powers", "perm+pow"]
+    names += ["direct", "vicreg", "vicreg2"]
     ratios = {"sig/vic": ("sigreg", "vicreg"), "sig/vic2": ("sigreg", "vicreg2")}
-    ratios |= {"perm/vic": ("permuted", "vicreg"), "dir/vic": ("direct", "vicreg")}
+    ratios |= {"perm/vic": ("permuted", "vicreg"), "pow/vic": ("powers", "vicreg")}
+    ratios |= {"p+p/vic": ("perm+pow", "vicreg"), "dir/vic": ("direct", "vicreg")}
     print(f"{'D':>5} " + " ".join(f"{k:>8}" for k in [*names, *ratios]))
     for dim in dims:
         t = {k: v * 1e3 for k, v in measure(dim, args.batch, args.slices, repeats, device).items()}

@@ -42,13 +42,14 @@ def test_modules_use_the_schema_choices_not_their_own_lists():
     from hjepa.data.datasets import DATASET_NAMES
     from hjepa.losses.combined import REGULARIZE_ON, REGULARIZERS
     from hjepa.losses.prediction import DISTANCES
-    from hjepa.losses.sigreg import DRAWS
+    from hjepa.losses.sigreg import DRAWS, EVALUATIONS
     from hjepa.models.predictor import PREDICTOR_MODES
     from hjepa.models.vit import ATTENTION_BACKENDS, POS_EMBEDS
 
     assert REGULARIZERS is CHOICES["loss.regularizer"]
     assert REGULARIZE_ON is CHOICES["loss.regularize_on"]
     assert DRAWS is CHOICES["loss.sigreg_draw"]
+    assert EVALUATIONS is CHOICES["loss.sigreg_eval"]
     assert PREDICTOR_MODES is CHOICES["model.predictor_mode"]
     assert POS_EMBEDS is CHOICES["model.pos_embed"]
     assert ATTENTION_BACKENDS is CHOICES["model.attention"]

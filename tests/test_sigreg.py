@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -54,23 +55,29 @@ def test_epps_pulley_matches_hand_loops(num_points, t_max):
     np.testing.assert_allclose(direct, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
 @pytest.mark.parametrize(
-    "shape,num_points", [((64, 33), 17), ((300, 5), 17), ((9, 70), 26), ((16, 8), 3), ((5, 3), 10)]
+    "shape,num_points",
+    [((64, 33), 17), ((300, 5), 17), ((9, 70), 26), ((16, 8), 3), ((5, 3), 10), ((40, 6), 13)],
 )
-def test_fast_equals_direct_formula(shape, num_points):
+def test_fast_equals_direct_formula(shape, num_points, evaluation):
+    # num_points 13 and 26 split their frequencies unevenly (A < B), 3 and 2 are the smallest.
     x = torch.randn(*shape, generator=_gen(1), dtype=torch.float64) * 2.0
     reference = epps_pulley_reference(x, num_points)
-    torch.testing.assert_close(epps_pulley(x, num_points), reference, rtol=1e-10, atol=0)
+    fast = epps_pulley(x, num_points, evaluation=evaluation)
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=0)
     # float32 against the float64 value: the fast path is as accurate as the direct one.
-    fast32 = epps_pulley(x.float(), num_points).double()
+    fast32 = epps_pulley(x.float(), num_points, evaluation=evaluation).double()
     torch.testing.assert_close(fast32, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_float32_fast_path_is_as_accurate_as_the_direct_formula():
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
+def test_float32_fast_path_is_as_accurate_as_the_direct_formula(evaluation):
     # At a training-like size the fast float32 statistic and gradient must stay within three
     # times the rounding error of the direct float32 formula, both against float64 (measured:
-    # 1.7x for the angle-addition table): a faster evaluation must not trade accuracy (a running
-    # recurrence to cos(16 theta) would accumulate several times more).
+    # 1.7x for the angle-addition table, 1.4x (value) and 2.3x (gradient) for the powers): a
+    # faster evaluation must not trade accuracy (a running recurrence to cos(16 theta) from
+    # theta alone would accumulate several times more).
     x = torch.randn(256, 64, generator=_gen(18), dtype=torch.float64) * 1.5 + 0.2
     weights = torch.rand(64, generator=_gen(19), dtype=torch.float64)
 
@@ -82,7 +89,8 @@ def test_float32_fast_path_is_as_accurate_as_the_direct_formula():
 
     exact, exact_grad = value_and_grad(epps_pulley_reference, x)
     errors = {}
-    for name, fn in (("fast", epps_pulley), ("direct", epps_pulley_reference)):
+    fast = functools.partial(epps_pulley, evaluation=evaluation)
+    for name, fn in (("fast", fast), ("direct", epps_pulley_reference)):
         value, grad = value_and_grad(fn, x.float())
         errors[name] = (
             ((value - exact).abs() / exact).max().item(),
@@ -93,18 +101,56 @@ def test_float32_fast_path_is_as_accurate_as_the_direct_formula():
     assert max(errors["fast"]) < 1e-5, errors
 
 
-def test_chunked_evaluation_matches_reference(monkeypatch):
-    # Force chunks of 3 directions (the last one ragged) through the CPU working-set budget.
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
+@pytest.mark.parametrize("saved", [True, False])
+def test_chunked_evaluation_matches_reference(monkeypatch, evaluation, saved):
+    # Force chunks of 3 directions (the last one ragged) through the CPU working-set budget,
+    # with the forward's table kept for backward or recomputed there.
     x = torch.randn(20, 10, generator=_gen(17), dtype=torch.float64)
     monkeypatch.setattr(sigreg_module, "_CPU_CHUNK_ELEMENTS", 16 * 20 * 3)
+    monkeypatch.setattr(sigreg_module, "_CPU_POWERS_CHUNK_ELEMENTS", 16 * 20 * 3)
+    if not saved:
+        monkeypatch.setattr(sigreg_module, "_SAVED_BASIS_ELEMENTS", 0)
     grads = []
-    for fn in (epps_pulley, epps_pulley_reference):
+    fast = functools.partial(epps_pulley, evaluation=evaluation)
+    for fn in (fast, epps_pulley_reference):
         leaf = x.clone().requires_grad_()
         value = fn(leaf)
         (value * torch.arange(1.0, 11.0, dtype=torch.float64)).sum().backward()
         grads.append((value.detach(), leaf.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
+@pytest.mark.parametrize("shape", [(256, 64), (3000, 40), (33, 7)])
+def test_keeping_the_table_for_backward_changes_no_bit(monkeypatch, shape, evaluation):
+    # Backward reads the forward's table back when it fits _SAVED_BASIS_ELEMENTS, and evaluates
+    # it again otherwise: the same numbers either way, value and gradient bit for bit.
+    x = torch.randn(*shape, generator=_gen(28)) * 1.7 - 0.2
+    weights = torch.rand(shape[1], generator=_gen(29))
+    results = []
+    for budget in (1 << 30, 0):
+        monkeypatch.setattr(sigreg_module, "_SAVED_BASIS_ELEMENTS", budget)
+        leaf = x.clone().requires_grad_()
+        value = epps_pulley(leaf, evaluation=evaluation)
+        (value * weights).sum().backward()
+        results.append((value.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_powers_differ_from_the_table_only_by_rounding():
+    # The two evaluations are the same formula computed differently: float32 values agree to
+    # rounding, and they are not secretly the same computation.
+    x = torch.randn(256, 128, generator=_gen(30)) * 1.5
+    table, powers = (epps_pulley(x, evaluation=e) for e in ("table", "powers"))
+    torch.testing.assert_close(powers, table, rtol=2e-5, atol=1e-6)
+    assert not torch.equal(powers, table)
+    with pytest.raises(ValueError, match="evaluation must be one of"):
+        epps_pulley(x, evaluation="fused")
+    with pytest.raises(ValueError, match="evaluation must be one of"):
+        SIGReg(evaluation="fused")
 
 
 def test_standard_gaussian_gives_about_1_05_per_direction():
@@ -134,10 +180,12 @@ def test_statistic_is_invariant_to_sample_order():
     torch.testing.assert_close(epps_pulley(shuffled), epps_pulley(x), rtol=1e-12, atol=0)
 
 
-def test_gradcheck_fast_statistic():
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
+def test_gradcheck_fast_statistic(evaluation):
     x = torch.randn(5, 3, generator=_gen(8), dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: epps_pulley(v), (x,))
-    assert torch.autograd.gradcheck(lambda v: epps_pulley(v, num_points=7, t_max=2.0), (x,))
+    fast = functools.partial(epps_pulley, evaluation=evaluation)
+    assert torch.autograd.gradcheck(lambda v: fast(v), (x,))
+    assert torch.autograd.gradcheck(lambda v: fast(v, num_points=7, t_max=2.0), (x,))
 
 
 def test_gradcheck_sigreg_through_projection():
@@ -147,11 +195,12 @@ def test_gradcheck_sigreg_through_projection():
     assert torch.autograd.gradcheck(lambda v: sigreg(v, directions), (z,))
 
 
-def test_fast_gradient_equals_direct_gradient():
+@pytest.mark.parametrize("evaluation", ["table", "powers"])
+def test_fast_gradient_equals_direct_gradient(evaluation):
     x = torch.randn(40, 12, generator=_gen(10), dtype=torch.float64)
     weights = torch.rand(12, generator=_gen(11), dtype=torch.float64)
     grads = []
-    for fn in (epps_pulley, epps_pulley_reference):
+    for fn in (functools.partial(epps_pulley, evaluation=evaluation), epps_pulley_reference):
         leaf = x.clone().requires_grad_()
         (fn(leaf) * weights).sum().backward()
         grads.append(leaf.grad)
@@ -317,21 +366,26 @@ def test_bad_inputs_raise_clear_errors():
 _SHARDS = (5, 7)  # unequal on purpose: N is the global batch size, not world_size * local size
 
 
-def _ddp_loss(z: torch.Tensor, directions: torch.Tensor, draw: str | None) -> torch.Tensor:
+def _ddp_loss(
+    z: torch.Tensor, directions: torch.Tensor, draw: str | None, evaluation: str
+) -> torch.Tensor:
     """SIGReg on explicit directions, or drawn by ``draw`` at step 4 (the same on every rank)."""
+    slices = directions.shape[1]
     if draw is None:
-        return SIGReg(num_slices=directions.shape[1])(z, directions)
-    return SIGReg(num_slices=directions.shape[1], draw=draw)(z, step=4)
+        return SIGReg(num_slices=slices, evaluation=evaluation)(z, directions)
+    return SIGReg(num_slices=slices, draw=draw, evaluation=evaluation)(z, step=4)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, draw: str | None) -> None:
+def _ddp_worker(
+    rank: int, world: int, init_file: str, out_dir: str, draw: str | None, evaluation: str
+) -> None:
     gloo.join(rank, world, init_file)
     try:
         x, projection, directions = _ddp_inputs()
         start = sum(_SHARDS[:rank])
         shard = x[start : start + _SHARDS[rank]].clone().requires_grad_()
         weight = projection.clone().requires_grad_()
-        loss = _ddp_loss(shard @ weight, directions, draw)
+        loss = _ddp_loss(shard @ weight, directions, draw, evaluation)
         loss.backward()
         torch.save(
             {"loss": loss.detach(), "shard_grad": shard.grad, "weight_grad": weight.grad},
@@ -348,19 +402,21 @@ def _ddp_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, projection, random_directions(5, 9, step=4, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("draw", [None, "permuted"])
-def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks, draw):
+@pytest.mark.parametrize(
+    "draw,evaluation", [(None, "table"), ("permuted", "table"), (None, "powers")]
+)
+def test_ddp_sigreg_equals_single_process_on_the_whole_batch(tmp_path, run_ranks, draw, evaluation):
     world = len(_SHARDS)
     run_ranks(
         _ddp_worker,
-        (world, str(tmp_path / "init"), str(tmp_path), draw),
+        (world, str(tmp_path / "init"), str(tmp_path), draw, evaluation),
         world,
         start_method="fork",
     )
     x, projection, directions = _ddp_inputs()
     x = x.clone().requires_grad_()
     weight = projection.clone().requires_grad_()
-    loss = _ddp_loss(x @ weight, directions, draw)
+    loss = _ddp_loss(x @ weight, directions, draw, evaluation)
     loss.backward()
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
@@ -388,10 +444,12 @@ def test_benchmark_cases_compute_the_gradients_they_time():
     z, z2 = (torch.randn(12, 8, generator=_gen(s)).requires_grad_() for s in (23, 24))
     cases = bench._cases(z, z2, num_slices=16)
     assert set(cases) == {
-        *("floor", "draw", "stat", "sigreg", "permuted", "direct", "vicreg", "vicreg2")
+        *("floor", "draw", "stat", "stat_pow", "sigreg", "permuted", "powers", "perm+pow"),
+        *("direct", "vicreg", "vicreg2"),
     }
     grads = {}
-    for name in ("floor", "sigreg", "permuted", "direct", "vicreg", "vicreg2"):
+    with_gradient = ("floor", "sigreg", "permuted", "powers", "perm+pow", "direct", "vicreg")
+    for name in (*with_gradient, "vicreg2"):
         cases[name]()
         grads[name] = z.grad.clone()
         assert grads[name].abs().sum() > 0, name
@@ -405,7 +463,7 @@ def test_benchmark_prints_one_row_of_ratios_per_width(capsys):
     ])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     header, rows = lines[1].split(), [line.split() for line in lines[2:]]
-    assert header[-4:] == ["sig/vic", "sig/vic2", "perm/vic", "dir/vic"]
+    assert header[-6:] == ["sig/vic", "sig/vic2", "perm/vic", "pow/vic", "p+p/vic", "dir/vic"]
     assert [row[0] for row in rows] == ["8", "16"]
     for row in rows:
         assert len(row) == len(header) and all(float(cell) > 0 for cell in row[1:])
@@ -424,3 +482,23 @@ def test_loss_sigreg_draw_reaches_both_sigreg_terms_of_the_objective():
     objective = Objective(loss, [1.0], multicrop_weight=1.0)
     assert objective.sigreg.draw == objective.view_sigreg.draw == "permuted"
     assert Objective(LossConfig(regularizer="sigreg"), [1.0]).sigreg.draw == "gaussian"
+
+
+def test_loss_sigreg_eval_reaches_both_sigreg_terms_of_the_objective():
+    from hjepa.config import ConfigError, LossConfig, load_config
+    from hjepa.losses.combined import Objective
+
+    cfg = load_config(None, ["loss.regularizer=sigreg", "loss.sigreg_eval=powers"])
+    assert cfg.loss.sigreg_eval == "powers"
+    assert load_config(None, []).loss.sigreg_eval == "table"
+    with pytest.raises(ConfigError, match="sigreg_eval"):
+        load_config(None, ["loss.sigreg_eval=fused"])
+    loss = LossConfig(regularizer="sigreg", sigreg_eval="powers", view_sigreg=0.5)
+    objective = Objective(loss, [1.0], multicrop_weight=1.0)
+    assert objective.sigreg.evaluation == objective.view_sigreg.evaluation == "powers"
+    assert Objective(LossConfig(regularizer="sigreg"), [1.0]).sigreg.evaluation == "table"
+    # The objective's term is the statistic evaluated that way: equal to the direct formula.
+    z = torch.randn(64, 12, generator=_gen(31), dtype=torch.float64)
+    directions = random_directions(12, 1024, step=3, dtype=torch.float64)
+    expected = epps_pulley_reference(z @ directions).mean()
+    torch.testing.assert_close(objective.sigreg(z, step=3), expected, rtol=1e-10, atol=0)

@@ -370,6 +370,10 @@ class LossConfig:
         "gaussian",
         "SIGReg's directions: fresh Gaussian, or one Gaussian set signed-permuted per step",
     )
+    sigreg_eval: Literal["table", "powers"] = setting(
+        "table",
+        "SIGReg's cos/sin of t_j x: 16 cosines, or 4 and complex products (faster, other rounding)",
+    )
     view_sigreg: float = setting(
         0.0, "weight of SIGReg on each view's pooled embedding (needs multi-crop; 0: off)", ge=0.0
     )

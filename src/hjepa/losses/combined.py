@@ -110,7 +110,9 @@ class Objective(nn.Module):
         self.level_weights = [float(w) for w in level_weights]
         self.grid_size = grid_size
         self.sigreg = (
-            SIGReg(loss.sigreg_slices, draw=loss.sigreg_draw) if "sigreg" in terms else None
+            SIGReg(loss.sigreg_slices, draw=loss.sigreg_draw, evaluation=loss.sigreg_eval)
+            if "sigreg" in terms
+            else None
         )
         self.vicreg = (
             VICReg(loss.vicreg_inv_weight, loss.vicreg_var_weight, loss.vicreg_cov_weight)
@@ -122,7 +124,9 @@ class Objective(nn.Module):
             raise ValueError("loss.view_sigreg needs multi-crop views (multicrop_weight)")
         # Its own directions' seed: the same step must not reuse the token SIGReg's slices.
         self.view_sigreg = (
-            SIGReg(loss.sigreg_slices, seed=1, draw=loss.sigreg_draw) if loss.view_sigreg else None
+            SIGReg(loss.sigreg_slices, seed=1, draw=loss.sigreg_draw, evaluation=loss.sigreg_eval)
+            if loss.view_sigreg
+            else None
         )
 
     @classmethod
