@@ -197,7 +197,8 @@ class Loop:
         return time.perf_counter() - start
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def median_quartiles(values: list[float]) -> dict[str, float]:
+    """Median and quartiles of paired ratios (one value: all three are it)."""
     q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
     return {"median": median, "q25": q1, "q75": q3}
 
@@ -222,7 +223,7 @@ def summarise(samples: list[dict[str, tuple[float, float]]]) -> dict:
             "images_per_s": {
                 side: BATCH / statistics.median(t[side]) for side in ("loop", "official", "model")
             },
-            "ratios": {name: _spread(values) for name, values in ratio.items()},
+            "ratios": {name: median_quartiles(values) for name, values in ratio.items()},
         }
     return report
 

@@ -33,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from race_loop import RACE_VIT, _data_overrides  # noqa: E402
+from race_loop import RACE_VIT, _data_overrides, median_quartiles  # noqa: E402
 
 SGEMM = (128 * 49, 192, 768)
 SGEMM_CALLS = 16
@@ -95,18 +95,13 @@ def compare_attention(step, args) -> dict:
             if i:
                 times[name].append(elapsed)
     base = times[choices[0]]
-
-    def spread(values: list[float]) -> dict[str, float]:
-        q1, median, q3 = statistics.quantiles(values, n=4)
-        return {"median": median, "q25": q1, "q75": q3}
-
     return {
         "threads": args.threads,
         "repeats": len(base),
         "overrides": args.overrides,
         "ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
         "speedup_vs_" + choices[0]: {
-            name: spread([b / t for b, t in zip(base, ts)]) for name, ts in times.items()
+            name: median_quartiles([b / t for b, t in zip(base, ts)]) for name, ts in times.items()
         },
     }
 
