@@ -105,6 +105,12 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "timm":
+        from hjepa.export_timm import export_timm
+
+        weights, card, line = export_timm(args.run_dir, args.out, checkpoint=args.checkpoint)
+        print(f"wrote {weights} and {card}; load it in timm with:\n  {line}")
+        return 0
     from hjepa.export import export_run
 
     weights, card = export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
@@ -237,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="FILE.safetensors (default RUN_DIR/encoder...)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument(
+        "--format",
+        choices=("hjepa", "timm"),
+        default="hjepa",
+        help="hjepa: for hjepa.load_encoder; timm: a state dict timm.create_model loads",
+    )
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
