@@ -186,7 +186,10 @@ def test_refusals_name_the_option(tmp_path, capsys):
 
 def test_an_option_it_does_not_know_is_refused(monkeypatch):
     # Every option is classified: a new one must be mapped (or declared unused) to export.
-    assert set(vars(ModelConfig())) == set(MAPPED_OPTIONS) | set(UNUSED_OPTIONS)
+    assert set(vars(ModelConfig())) == set(MAPPED_OPTIONS) | set(UNUSED_OPTIONS), (
+        "classify the new model option in src/hjepa/export_timm.py: MAPPED_OPTIONS if the timm "
+        "export maps it, UNUSED_OPTIONS if it never reaches the eval-mode target encoder"
+    )
     check_exportable(ModelConfig(fpn="add"))
     monkeypatch.setattr("hjepa.export_timm.UNUSED_OPTIONS", ("levels",))  # fpn now unknown
     with pytest.raises(NotExportable, match=r"model\.fpn=add \(an option this exporter does"):
@@ -206,3 +209,19 @@ def test_out_must_be_safetensors(tmp_path, capsys):
     _random_run(tmp_path / "run", [])
     assert main(["export", str(tmp_path / "run"), "--format", "timm", "--out", "x.pth"]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+def test_default_out_and_the_printed_line_loads(tmp_path, capsys):
+    encoder = _random_run(tmp_path / "run", ["model.pos_embed=rope"])
+    assert main(["export", str(tmp_path / "run"), "--format", "timm"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    weights = tmp_path / "run" / "encoder_timm.safetensors"
+    assert (
+        printed[0] == f"wrote {weights} and {weights.with_suffix('.json')}; load it in timm with:"
+    )
+    model = eval(printed[1].strip(), {"timm": timm}).eval()  # the line a user pastes
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert (
+            model.forward_features(encoder.normalize(x)) - encoder.tokens(x)
+        ).abs().max() < TOLERANCE
