@@ -145,7 +145,8 @@ def test_extract_writes_the_features_and_labels(run, held_out, tmp_path, capsys)
     assert main(["extract", str(run), "--split", "test", "--out", str(out)]) == 0
     assert "extract test" in capsys.readouterr().err  # the progress bar
     saved = np.load(out)
-    assert set(saved.files) == {"features", "labels"}
+    assert set(saved.files) == {"features", "labels", "index"}  # in-memory data: no files
+    np.testing.assert_array_equal(saved["index"], np.arange(len(held_out)))
     assert saved["features"].dtype == np.float32 and saved["labels"].dtype == np.int64
     reference = _eval_features(run, run / "checkpoints" / "last.pt", held_out)
     np.testing.assert_array_equal(saved["features"], reference["concat"].numpy())

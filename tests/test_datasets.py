@@ -18,7 +18,8 @@ from PIL import Image
 from hjepa.data.cifar import load_cifar
 from hjepa.data.datasets import build_dataset
 from hjepa.data.fashion_mnist import load_fashion_mnist, read_idx
-from hjepa.data.image_folder import ImageFolder, read_class_subset
+from hjepa.data.folder_index import read_class_subset
+from hjepa.data.image_folder import ImageFolder
 from hjepa.data.synthetic import make_synthetic
 from hjepa.data.tensors import ImageTensors
 
@@ -268,9 +269,16 @@ def test_image_folder_class_subset_and_flat_root(tmp_path: Path) -> None:
     ds = ImageFolder(tmp_path, "train", image_size=8, class_subset=str(subset))
     assert ds.classes == ["n001", "n003"] and ds.num_classes == 2
     assert ds.labels.tolist() == [0, 0, 1, 1]
-    # root pointing straight at class folders.
-    flat = ImageFolder(tmp_path / "val", "test", image_size=8)
+    # root pointing straight at class folders: a held-out share of each class is the test
+    # split, and a class of one image has none to give.
+    flat = ImageFolder(tmp_path / "train", "train", image_size=8)
     assert flat.classes == ["n001", "n002", "n003"] and len(flat) == 3
+    held = ImageFolder(tmp_path / "train", "test", image_size=8)
+    assert len(held) == 3 and not {held.path(i) for i in range(3)} & {
+        flat.path(i) for i in range(3)
+    }
+    with pytest.raises(FileNotFoundError, match="no class has two images"):
+        ImageFolder(tmp_path / "val", "test", image_size=8)
     subset.write_text("n001\nn999\n")
     with pytest.raises(ValueError, match="n999"):
         ImageFolder(tmp_path, "train", image_size=8, class_subset=str(subset))

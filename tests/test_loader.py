@@ -103,6 +103,7 @@ def make_image_folder(root: Path, n_good: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((6, 6, 3), i, dtype=np.uint8)).save(folder / f"{i:02d}.png")
     (root / "train" / "c0" / "zz_bad.png").write_bytes(rng.bytes(64))
+    (root / "val" / "c0").mkdir(parents=True)  # a held-out folder: train/ is read whole
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -94,13 +94,12 @@ def _viz(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from hjepa.data.datasets import build_dataset
+    from hjepa.data.check import describe_dataset
 
-    info = {}
-    for split in ("train", "test"):
-        ds = build_dataset(args.name, args.root, split, image_size=args.image_size)
-        info[split] = {"images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
-    print(json.dumps({"dataset": args.name, **info}, indent=2))
+    report = describe_dataset(
+        args.name, args.root, image_size=args.image_size, val_fraction=args.val_fraction
+    )
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -134,6 +133,9 @@ def _extract(args: argparse.Namespace) -> int:
         f"wrote {done['out']}: features [{done['images']}, {done['dim']}] ({done['level']}) "
         f"and labels of the {done['split']} split, checkpoint step {done['step']}"
     )
+    if done["skipped"]:  # no row for them; the .npz lists them as skipped_paths
+        shown = ", ".join(done["skipped"][:5]) + (", ..." if len(done["skipped"]) > 5 else "")
+        print(f"skipped {len(done['skipped'])} unreadable image(s): {shown}")
     return 0
 
 
@@ -237,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--root", default=None)
     p.add_argument("--image-size", type=int, default=28)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="image folder without val/: share of each class held out (data.val_fraction)",
+    )
     p.set_defaults(func=_data)
 
     p = sub.add_parser("export", help="write a run's target encoder as safetensors + JSON card")

@@ -247,12 +247,22 @@ class DataConfig:
     name: DatasetName = setting("fashion_mnist", "dataset to train on")
     root: str = setting("", "folder holding the dataset ('': the dataset's default locations)")
     image_size: int = setting(28, "side of the square images the model sees, in pixels", ge=1)
-    channels: int = setting(1, "image channels of 'synthetic' (real datasets have their own)", ge=1)
+    channels: int = setting(
+        0,
+        "image channels (0: follow the data: image_folder's files, synthetic's 1, a dataset's own)",
+        ge=0,
+    )
     synthetic_size: int = setting(
         2048, "training images of 'synthetic' (its test split has a quarter)", ge=1
     )
     class_subset: str = setting(
         "", "image_folder only: 'imagenet100' or a file of class folder names"
+    )
+    val_fraction: float = setting(
+        0.1,
+        "image_folder without val/: share of each class held out as the test split",
+        gt=0.0,
+        le=0.5,
     )
     crop_scale: list[float] = setting(
         [0.3, 1.0],
@@ -441,6 +451,11 @@ class Config:
 
 
 DEFAULT_LEVEL_WEIGHTS = (1.0, 0.7, 0.5, 0.35)
+#: Datasets whose images have a fixed channel count: data.channels may be 0 or that count.
+NATIVE_CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3}
+#: Largest token grid side (65 536 tokens an image): far past what attention holds, and the
+#: mask checks below take time quadratic in the side.
+MAX_GRID = 256
 
 
 # -- reading the schema ------------------------------------------------------------------------
@@ -608,10 +623,39 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last one and drops the first without a word: a section written twice loses half)."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, typing.Hashable) and key in first_line:
+            raise yaml.constructor.ConstructorError(
+                problem=f"key {key!r} appears twice (lines {first_line[key]} and {line}): "
+                "merge them into one",
+                problem_mark=key_node.start_mark,
+            )
+        if isinstance(key, typing.Hashable):
+            first_line[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def strict_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` whose syntax errors are one line: ``source:line:column: problem``."""
+    """:func:`strict_yaml` whose errors are one line: ``source:line:column: problem``."""
     try:
-        return yaml.safe_load(text)
+        return strict_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -701,7 +745,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not raw.strip():
         return key.strip(), ""
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key.strip(), strict_yaml(raw)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise ConfigError(
@@ -862,6 +906,12 @@ def validate(cfg: Config, *, stored: bool = False) -> None:
             f"data.image_size={d.image_size} must be a multiple of model.patch_size={m.patch_size}"
         )
     grid = grid_side(d.image_size, m.patch_size)
+    if grid > MAX_GRID:
+        raise ConfigError(
+            f"data.image_size={d.image_size} with model.patch_size={m.patch_size} gives a "
+            f"{grid}x{grid} token grid, past the {MAX_GRID}x{MAX_GRID} supported: lower "
+            "data.image_size or raise model.patch_size"
+        )
     deepest = max_levels(grid)  # levels down to the first 1x1 grid (ceil pooling)
     if m.levels > deepest:
         raise ConfigError(
@@ -892,6 +942,8 @@ def validate(cfg: Config, *, stored: bool = False) -> None:
     if t.device == "cpu" and t.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
     _check_masks_feasible(cfg)
+    _validate_data(cfg, stored)
+    _validate_run(cfg, stored)
     _validate_eval(cfg.eval)
     _validate_encoder_options(cfg)
     _validate_regularizers(cfg)
@@ -994,6 +1046,37 @@ def _validate_encoder_options(cfg: Config) -> None:
             raise ConfigError(
                 "data.multicrop.weight must be > 0 with local crops (or data.multicrop.num_local=0)"
             )
+
+
+def _validate_data(cfg: Config, stored: bool) -> None:
+    """Data keys that could not act on the dataset named. A stored config is read as written:
+    runs from before data.channels=0 existed recorded 1 for every dataset."""
+    d = cfg.data
+    native = NATIVE_CHANNELS.get(d.name)
+    if native and d.channels not in (0, native) and not stored:
+        raise ConfigError(
+            f"data.channels={d.channels} contradicts {d.name}, whose images have {native} "
+            "channel(s): leave data.channels=0 (follow the data)"
+        )
+    if d.name != "image_folder" and d.val_fraction != SCHEMA["data.val_fraction"].default:
+        raise ConfigError(
+            f"data.val_fraction holds out part of an image folder; {d.name} has its own test "
+            "split: leave data.val_fraction unset"
+        )
+
+
+def _validate_run(cfg: Config, stored: bool) -> None:
+    """Periodic checkpoints are kept when one is written: keep_every must meet checkpoint_every."""
+    run = cfg.run
+    if stored or not run.keep_every or run.keep_every % run.checkpoint_every == 0:
+        return
+    below = run.keep_every // run.checkpoint_every * run.checkpoint_every
+    fits = [n for n in (below, below + run.checkpoint_every) if n > 0]
+    raise ConfigError(
+        f"run.keep_every={run.keep_every} is not a multiple of run.checkpoint_every="
+        f"{run.checkpoint_every}: checkpoints are written every {run.checkpoint_every} steps, so "
+        f"few or none would be kept; use run.keep_every={' or '.join(map(str, fits))}"
+    )
 
 
 def _validate_eval(e: EvalConfig) -> None:

@@ -2,9 +2,12 @@
 
 The features are those ``hjepa eval`` probes (:class:`hjepa.encoder.Encoder`, the same pooling
 and normalisation), for every readable image of the split in dataset order: ``features``
-``[N, D']`` float32 and ``labels`` ``[N]`` int64 in one ``.npz``. The data is the run's own
-unless ``data.*`` overrides name another (its images are resized to the encoder's size and
-normalised with the run's statistics, as ``hjepa eval``'s transfer probes do).
+``[N, D']`` float32, ``labels`` ``[N]`` int64 and ``index`` ``[N]`` int64 (the row's position
+in the dataset) in one ``.npz``; for a dataset of files also ``paths`` ``[N]`` (the file of
+each row) and ``skipped_paths`` (the files that could not be decoded, which have no row). The
+data is the run's own (an image folder must still be split as the run recorded it) unless
+``data.*`` overrides name another (its images are resized to the encoder's size and normalised
+with the run's statistics, as ``hjepa eval``'s transfer probes do).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from hjepa import checkpoint as ckpt
-from hjepa.data.datasets import dataset_from_config
+from hjepa.data.datasets import check_run_dataset, dataset_from_config
+from hjepa.data.tensors import ImageTensors
 from hjepa.device import pick_device
 from hjepa.encoder import CONCAT
-from hjepa.eval.features import iter_batches
 from hjepa.eval.runner import load_run_config
 from hjepa.load import load_encoder
 from hjepa.rundir import checkpoint_path
@@ -53,6 +57,7 @@ def extract_features(
     encoder = load_encoder(source, map_location=device)
     encoder.feature_dim(level)  # an unknown level fails before any image is read
     dataset = dataset_from_config(cfg, split)
+    check_run_dataset(run_dir, dataset)  # the run's own folder: as it was split in training
     channels = int(getattr(dataset, "channels", encoder.channels))
     if channels != encoder.channels:
         raise ValueError(
@@ -60,7 +65,7 @@ def extract_features(
             f"{encoder.channels}: set data.channels={encoder.channels} or use another dataset"
         )
     batch_size = cfg.eval.batch_size
-    batches = iter_batches(dataset, batch_size, cfg.train.num_workers)
+    batches = _indexed_batches(dataset, batch_size, cfg.train.num_workers)
     from tqdm import tqdm
 
     bar = tqdm(
@@ -71,14 +76,25 @@ def extract_features(
         disable=not progress,
         dynamic_ncols=True,
     )
-    features, labels = [], []
+    features, labels, rows = [], [], []
     with torch.no_grad():
-        for images, y in bar:
+        for images, y, index in bar:
             features.append(encoder.features(images.to(device), level).cpu())
             labels.append(y)
-    feats = torch.cat(features).numpy().astype(np.float32, copy=False)
-    labs = torch.cat(labels).numpy().astype(np.int64, copy=False)
-    ckpt.atomic_write(out, lambda f: np.savez(f, features=feats, labels=labs), "features")
+            rows.append(index)
+    arrays = {
+        "features": torch.cat(features).numpy().astype(np.float32, copy=False),
+        "labels": torch.cat(labels).numpy().astype(np.int64, copy=False),
+        "index": torch.cat(rows).numpy().astype(np.int64, copy=False),
+    }
+    skipped: list[str] = []
+    if hasattr(dataset, "path"):  # files: name the file of every row, and those left out
+        kept = set(arrays["index"].tolist())
+        skipped = [dataset.path(i) for i in range(len(dataset)) if i not in kept]
+        arrays["paths"] = np.array([dataset.path(i) for i in arrays["index"]], dtype=str)
+        arrays["skipped_paths"] = np.array(skipped, dtype=str)
+    ckpt.atomic_write(out, lambda f: np.savez(f, **arrays), "features")
+    feats = arrays["features"]
     return {
         "out": str(out),
         "checkpoint": str(source),
@@ -87,7 +103,36 @@ def extract_features(
         "level": level,
         "images": int(feats.shape[0]),
         "dim": int(feats.shape[1]),
+        "skipped": skipped,
     }
+
+
+class _WithIndex(Dataset):
+    """``(image, label, index)`` items, so a row keeps its place in the dataset."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def _indexed_batches(dataset: Dataset, batch_size: int, num_workers: int):
+    """``(uint8 images, labels, dataset indices)`` in order; unreadable images (label -1) left
+    out, so ``index`` says which image each row is."""
+    if isinstance(dataset, ImageTensors):
+        for start in range(0, len(dataset), batch_size):
+            stop = min(start + batch_size, len(dataset))
+            yield dataset.images[start:stop], dataset.labels[start:stop], torch.arange(start, stop)
+        return
+    loader = DataLoader(_WithIndex(dataset), batch_size=batch_size, num_workers=num_workers)
+    for images, labels, index in loader:
+        keep = labels >= 0
+        yield images[keep], labels[keep], index[keep]
 
 
 __all__ = ["extract_features", "SPLITS"]

@@ -9,17 +9,24 @@ resizes at decode time.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset
 
-from hjepa.config import CHOICES, Config
+from hjepa.checkpoint import atomic_write
+from hjepa.config import CHOICES, Config, ConfigError
 from hjepa.data.cifar import load_cifar
 from hjepa.data.fashion_mnist import load_fashion_mnist
+from hjepa.data.folder_index import DEFAULT_VAL_FRACTION, record_difference
 from hjepa.data.image_folder import ImageFolder
 from hjepa.data.synthetic import make_synthetic
 
 DATASET_NAMES = CHOICES["data.name"]
 SPLITS = ("train", "test")
+DATASET_RECORD = "dataset.json"  # in a run dir: an image folder's classes and split
 
 
 def build_dataset(
@@ -28,10 +35,11 @@ def build_dataset(
     split: str,
     *,
     image_size: int,
-    channels: int = 3,
+    channels: int = 0,
     synthetic_size: int = 2048,
     seed: int = 0,
     class_subset: str | None = None,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> Dataset:
     """Build one split of a named dataset.
 
@@ -43,14 +51,17 @@ def build_dataset(
         split: ``train`` or ``test`` (``test`` is ImageNet's ``val`` for image folders).
         image_size: output side for ``image_folder`` (shorter side resized, then centre
             crop) and ``synthetic``; in-memory datasets keep their native size.
-        channels: image channels for ``synthetic`` and ``image_folder`` (1 or 3);
-            Fashion-MNIST (1) and CIFAR (3) keep their native channel count, so read
-            ``dataset.channels`` rather than this argument.
+        channels: image channels for ``synthetic`` (0: 1) and ``image_folder`` (0: follow
+            the files; 1 or 3: convert to grayscale or RGB); Fashion-MNIST (1) and CIFAR (3)
+            keep their native channel count, so read ``dataset.channels`` rather than this
+            argument.
         synthetic_size: number of training images of ``synthetic`` (the test split has
             a quarter of it, at least one per class).
         seed: seed of the synthetic data (train and test are drawn independently).
         class_subset: ``image_folder`` only: ``"imagenet100"`` or a file of class folder
             names, one per line.
+        val_fraction: ``image_folder`` without ``val/`` only: the share of each class held
+            out as the test split (:mod:`hjepa.data.folder_index`).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
@@ -71,8 +82,14 @@ def build_dataset(
                 "and val/<class>/*.jpg (ImageNet layout)"
             )
         return ImageFolder(
-            root, split, image_size=image_size, channels=channels, class_subset=class_subset
+            root,
+            split,
+            image_size=image_size,
+            channels=channels,
+            class_subset=class_subset,
+            val_fraction=val_fraction,
         )
+    channels = channels or 1
     num_classes = 10
     n = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
     # Distinct seeds so the test images are not copies of training images.
@@ -92,7 +109,60 @@ def dataset_from_config(cfg: Config, split: str) -> Dataset:
         synthetic_size=d.synthetic_size,
         seed=cfg.train.seed,
         class_subset=d.class_subset or None,
+        val_fraction=d.val_fraction,
     )
+
+
+def resolve_channels(cfg: Config, dataset: Dataset) -> int:
+    """The channels a run trains on; ``data.channels=0`` becomes the dataset's, so the run's
+    ``config.yaml`` records them. An explicit value the image files contradict is refused."""
+    d, files = cfg.data, getattr(dataset, "file_channels", None)
+    if files is not None and d.channels and (d.channels == 3) != bool(files.colour):
+        also = " (for grayscale training, convert the files first)" if d.channels == 1 else ""
+        raise ConfigError(
+            f"data.channels={d.channels} contradicts the images of {d.root}: "
+            f"{files.describe()}; leave data.channels=0 to follow the files{also}"
+        )
+    channels = int(getattr(dataset, "channels", None) or d.channels or 1)
+    d.channels = d.channels or channels
+    return channels
+
+
+def dataset_record(dataset: Dataset) -> dict[str, Any] | None:
+    """What ``dataset.json`` records of an image folder (classes, split, channels), else None."""
+    index = getattr(dataset, "index", None)
+    if index is None:
+        return None
+    files = dataset.file_channels
+    seen = {"gray": files.gray, "colour": files.colour, "images": files.total}
+    return {**index.record(), "channels": dataset.channels, "file_channels": seen}
+
+
+def check_run_dataset(run_dir: str | Path, dataset: Dataset) -> dict[str, Any] | None:
+    """:func:`dataset_record` of ``dataset``, refused (``ValueError``) when it is the folder
+    ``run_dir`` recorded in ``dataset.json`` but its classes or held-out split changed since."""
+    now = dataset_record(dataset)
+    path = Path(run_dir) / DATASET_RECORD
+    if now is None or not path.is_file():
+        return now
+    saved = json.loads(path.read_text())
+    if saved.get("root") != now["root"]:
+        return now  # another folder (extract's data.root override): nothing to compare
+    change = record_difference(saved, now)
+    if change:
+        raise ValueError(
+            f"{now['root']} is not the folder {run_dir} was trained on: {change}; restore it "
+            f"as it was (the record is {path}), or train a new run.dir on it"
+        )
+    return now
+
+
+def write_run_dataset(run_dir: str | Path, dataset: Dataset) -> None:
+    """Write ``RUN_DIR/dataset.json`` for an image folder (atomically); nothing otherwise."""
+    record = dataset_record(dataset)
+    if record is not None:
+        text = json.dumps(record, indent=1).encode()
+        atomic_write(Path(run_dir) / DATASET_RECORD, lambda f: f.write(text), "dataset record")
 
 
 def check_first_image(dataset: Dataset, name: str, channels: int) -> None:

@@ -1,120 +1,97 @@
-"""ImageNet-style folders: ``root/{train,val}/<class>/<image>``, decoded lazily with Pillow.
+"""Image folders decoded lazily with Pillow: one split of a :mod:`~hjepa.data.folder_index`.
 
-Decoding happens in ``__getitem__`` (inside DataLoader workers). Each image is
-converted to RGB (or L for one channel), its largest centred square is
-resized to ``image_size`` (= shorter side resized, then centre crop) and it is
-returned as uint8 ``[C, H, W]``. An unreadable image never stops an epoch:
-it is reported once with ``warnings.warn``, counted in ``skipped`` and
-returned as a blank image with the sentinel label ``-1``, which
-:class:`~hjepa.data.loader.EpochLoader` drops and counts.
+Decoding happens in ``__getitem__`` (inside DataLoader workers). Each image is converted to
+RGB (or L for one channel), its largest centred square is resized to ``image_size`` (= shorter
+side resized, then centre crop) and it is returned as uint8 ``[C, H, W]``. The channels follow
+the files unless given: the image headers (all of them, or an even spread of
+:data:`MODE_SAMPLE`) decide 1 when every image is grayscale, else 3; a split that mixes both is
+read as RGB (grey repeated in 3 channels) with a warning saying so. An unreadable image never
+stops an epoch: it is reported once with ``warnings.warn``, counted in ``skipped`` and returned
+as a blank image with the sentinel label ``-1``, which :class:`~hjepa.data.loader.EpochLoader`
+drops and counts.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from importlib import resources
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".bmp",
-    ".gif",
-    ".ppm",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-)
+from hjepa.data.folder_index import DEFAULT_VAL_FRACTION, SPLITS, index_folder
+
 SKIPPED_LABEL = -1
-# ImageNet names its held-out split "val"; we call it "test".
-_SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
+#: What a bad file raises while decoding (SyntaxError: Pillow's parsers on malformed headers).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+#: Pillow modes of one grey value per pixel (16-bit, 32-bit and float greys included).
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+#: Headers read to decide a folder's channels: all of a smaller split, an even spread otherwise.
+MODE_SAMPLE = 2000
 
 
-def read_class_subset(class_subset: str) -> list[str]:
-    """Class folder names from ``"imagenet100"`` (the CMC list we ship) or a file path.
-
-    The file holds one name per line; blank lines and ``#`` comments are ignored.
-    """
-    if class_subset == "imagenet100":
-        text = resources.files("hjepa.data").joinpath("imagenet100.txt").read_text()
-        where = "imagenet100.txt (shipped)"
-    else:
-        path = Path(class_subset).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"class subset file {path} does not exist; give 'imagenet100' or a file with "
-                f"one class folder name per line"
-            )
-        text, where = path.read_text(), str(path)
-    names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError(f"class subset {where} lists no classes")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class subset {where} lists some classes twice")
-    return names
+def _is_gray(img: Image.Image) -> bool:
+    if img.mode == "P":  # a palette of greys is a grayscale image
+        p = img.getpalette() or []
+        return all(p[i] == p[i + 1] == p[i + 2] for i in range(0, len(p), 3))
+    return img.mode in GRAY_MODES
 
 
-def _subdirs(path: Path) -> list[str]:
-    with os.scandir(path) as entries:
-        return sorted(entry.name for entry in entries if entry.is_dir())
+@dataclass(frozen=True)
+class FileChannels:
+    """What the image headers of a split say about its colour."""
+
+    gray: int  # grayscale images among those read
+    colour: int
+    total: int  # images in the split (headers read: up to MODE_SAMPLE, evenly spread)
+
+    @property
+    def channels(self) -> int:
+        """1 when every image read is grayscale, else 3 (a mixed folder is read as RGB)."""
+        return 3 if self.colour else 1
+
+    def describe(self) -> str:
+        read = self.gray + self.colour
+        of = f" (headers of {read} of {self.total} images)" if read < self.total else ""
+        return f"{self.gray} grayscale and {self.colour} colour images{of}"
 
 
-def _has_class_dirs(path: Path) -> bool:
-    return path.is_dir() and bool(_subdirs(path))
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    if split not in _SPLIT_DIRS:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
-    for name in _SPLIT_DIRS[split]:
-        if _has_class_dirs(root / name):
-            return root / name
-    # No split folders at all: root itself holds the class folders of this split.
-    split_dirs = [root / n for names in _SPLIT_DIRS.values() for n in names]
-    if not any(d.is_dir() for d in split_dirs) and _has_class_dirs(root):
-        return root
-    wanted = " or ".join(f"{root / n}" for n in _SPLIT_DIRS[split])
-    raise FileNotFoundError(
-        f"no class folders for split {split!r}: expected {wanted} holding <class>/<image> "
-        f"(ImageNet layout), or data.root pointing straight at the class folders"
-    )
-
-
-def _list_images(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    return found
+def file_channels(paths: list[str]) -> FileChannels:
+    """Grayscale and colour counts from the headers of (an even spread of) ``paths``."""
+    step = max(1.0, len(paths) / MODE_SAMPLE)
+    gray = colour = 0
+    for i in range(min(len(paths), MODE_SAMPLE)):
+        try:
+            with Image.open(paths[int(i * step)]) as img:
+                is_gray = _is_gray(img)
+        except DECODE_ERRORS:
+            continue  # unreadable: decoding reports and skips it
+        gray, colour = gray + is_gray, colour + (not is_gray)
+    return FileChannels(gray, colour, len(paths))
 
 
 class ImageFolder(Dataset):
-    """Images under ``root/<split>/<class>/``, labelled by sorted class folder name.
+    """One split of an image folder (:mod:`hjepa.data.folder_index`), labelled by the folder's
+    class index.
 
     Args:
         root: dataset root (with ``train/`` and ``val/``), or a folder of class folders.
-        split: ``train`` or ``test`` (``val/``, else ``test/``).
+        split: ``train`` or ``test`` (``val/``, else ``test/``, else the held-out share).
         image_size: output side length.
-        channels: 3 (RGB) or 1 (grayscale).
+        channels: 0 to follow the files (1 when every image is grayscale, else 3), or 1 / 3 to
+            convert every image to grayscale / RGB.
         class_subset: ``"imagenet100"``, a path to a file of class names, or ``None``
             for every class folder. Every listed class must be present.
+        val_fraction: share of each class held out when the folder has no ``val/``.
 
     Attributes:
+        index: the :class:`~hjepa.data.folder_index.FolderIndex` of both splits.
         classes: class folder names; ``labels[i]`` indexes this list.
         labels: int64 tensor of per-image labels.
+        file_channels: what the image headers of this split say (:class:`FileChannels`).
         skipped: number of unreadable images met *in this process* (DataLoader
             workers keep their own count; the loader counts the ``-1`` labels instead).
     """
@@ -125,41 +102,32 @@ class ImageFolder(Dataset):
         split: str,
         *,
         image_size: int,
-        channels: int = 3,
+        channels: int = 0,
         class_subset: str | None = None,
+        val_fraction: float = DEFAULT_VAL_FRACTION,
     ) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if channels not in (0, 1, 3):
+            raise ValueError(
+                f"channels must be 0 (follow the files), 1 (grayscale) or 3 (RGB), got {channels}"
+            )
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder root {root} does not exist (set data.root)")
-        folder = _split_dir(root, split)
-        present = _subdirs(folder)
-        if class_subset is not None:
-            wanted = read_class_subset(class_subset)
-            missing = sorted(set(wanted) - set(present))
-            if missing:
-                raise ValueError(
-                    f"{len(missing)} of {len(wanted)} classes of subset {class_subset!r} are not "
-                    f"folders in {folder} (first: {missing[:5]}); check data.root or the subset"
-                )
-            present = sorted(wanted)
-        paths: list[str] = []
-        labels: list[int] = []
-        for index, name in enumerate(present):
-            files = _list_images(folder / name)
-            paths.extend(files)
-            labels.extend([index] * len(files))
-        if not paths:
-            raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {folder}"
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+        self.index = index_folder(root, class_subset=class_subset, val_fraction=val_fraction)
+        paths, labels = self.index.split(split)
+        self.root = self.index.root
+        self.classes = self.index.classes
+        self.num_classes = len(self.classes)
+        self.file_channels = file_channels(paths)
+        self.follows_files = channels == 0
+        self.channels = channels or self.file_channels.channels
+        if self.follows_files and self.file_channels.gray and self.file_channels.colour:
+            warnings.warn(
+                f"the {split} split of {self.index.base} holds {self.file_channels.describe()}: "
+                "it is read as RGB, each grayscale image repeated in 3 channels",
+                stacklevel=2,
             )
-        self.root = folder
-        self.classes = present
-        self.num_classes = len(present)
-        self.channels = channels
         self.image_size = image_size
         self.labels = torch.tensor(labels, dtype=torch.int64)
         # Paths as one byte buffer plus offsets, not a list of str: forked DataLoader
@@ -182,6 +150,12 @@ class ImageFolder(Dataset):
         mode = "RGB" if self.channels == 3 else "L"
         size = self.image_size
         with Image.open(path) as img:
+            if self.follows_files and mode == "L" and not _is_gray(img):
+                self._warn_once(
+                    path,
+                    f"{path} is a colour image in a split read as grayscale (its channels were "
+                    f"decided from {MODE_SAMPLE} sampled headers): set data.channels=3",
+                )
             # JPEG can decode at 1/2, 1/4, 1/8 scale directly: much faster for big photos.
             img.draft(mode, (size, size))
             if img.mode.startswith("I;16"):
@@ -203,14 +177,16 @@ class ImageFolder(Dataset):
         path = self.path(index)
         try:
             return self.load(path), int(self.labels[index])
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            # SyntaxError: Pillow's parsers raise it for some malformed headers.
+        except DECODE_ERRORS as exc:
             self.skipped += 1
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {exc}", stacklevel=2)
+            self._warn_once(path, f"skipping unreadable image {path}: {exc}")
             blank = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
             return blank, SKIPPED_LABEL
+
+    def _warn_once(self, path: str, message: str) -> None:
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(message, stacklevel=3)
 
     def __repr__(self) -> str:
         return (

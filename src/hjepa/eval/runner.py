@@ -20,6 +20,7 @@ Every subset, split and seed is fixed, so one checkpoint always gives the same n
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch.utils.data import Dataset
 import hjepa
 from hjepa import checkpoint as ckpt
 from hjepa.config import Config, ConfigError, from_dict, parse_override
-from hjepa.data.datasets import dataset_from_config
+from hjepa.data.datasets import check_run_dataset, dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.subsets import fixed_subset
 from hjepa.device import pick_device
@@ -343,6 +344,7 @@ def evaluate_run(
     state = ckpt.load_checkpoint(source)
     device = pick_device(cfg.train.device)
     ev = _Evaluator(cfg, device)
+    data_record = check_run_dataset(run_dir, ev.test_set)  # the folder's split as trained
     best = best_features(cfg.model.levels)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -366,6 +368,8 @@ def evaluate_run(
         "eval": {},
     }
     results["eval"] = {k: v for k, v in vars(e).items()}
+    if data_record is not None:  # an image folder: its classes and split (files: dataset.json)
+        results["data"] = {k: v for k, v in data_record.items() if k != "test_files"}
 
     # The baselines' numbers (and the pixel classifier robustness scores) from an earlier
     # evaluation of the same data, architecture, seed and protocol.
@@ -400,6 +404,7 @@ def evaluate_run(
 
     bar.stage("trained encoder")
     train_feats, test_feats = ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set)
+    knn_note = _record_knn_k(results["eval"], e.knn_k, int(train_feats[1].shape[0]))
     if fresh:
         # The pixel probe (the largest fit) side by side with the encoder's: one probe_all
         # over both (the same labels: both passes read the datasets in order).
@@ -467,9 +472,9 @@ def evaluate_run(
         num_classes = int(getattr(tr_set, "num_classes", 0))
         transfer_sets[spec] = (tr_set, te_set, num_classes)
         entry = {"spec": spec, "train_images": len(tr_set), "test_images": len(te_set)}
-        entry["trained"] = ev.probe_all(
-            ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
-        )[0]
+        tr_feats = ev.encoder(encoder, tr_set)
+        entry["knn_k"] = min(e.knn_k, int(tr_feats[1].shape[0]))  # the k its probes used
+        entry["trained"] = ev.probe_all(tr_feats, ev.encoder(encoder, te_set), num_classes)[0]
         if fresh:
             entry["pixels"] = ev.probe_all(
                 *(({"pixels": f}, y) for f, y in (ev.pixels(tr_set), ev.pixels(te_set))),
@@ -500,9 +505,23 @@ def evaluate_run(
             entry["random_init"] = cached["transfer"][name]["random_init"]
 
     bar.close()
+    if knn_note:
+        print(f"hjepa eval: {knn_note}", file=sys.stderr)
     results["seconds"] = seconds
     (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _record_knn_k(record: dict[str, Any], k: int, train_images: int) -> str | None:
+    """The kNN probes use at most as many neighbours as there are training images: record the
+    k they used (and the one asked for) and return the note that says so, or None."""
+    if k <= train_images:
+        return None
+    record["knn_k"], record["knn_k_requested"] = train_images, k
+    return (
+        f"eval.knn_k={k} exceeds the {train_images} training images: the kNN probes used "
+        f"k={train_images} (recorded in eval.json)"
+    )
 
 
 def _baseline_results(results: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from hjepa import checkpoint as ckpt
 from hjepa.config import ConfigError, dump_yaml, from_dict
+from hjepa.data.datasets import DATASET_RECORD, check_run_dataset, write_run_dataset
 from hjepa.train import distributed, recipe
 from hjepa.train.logging import truncate_after
 
@@ -137,6 +138,8 @@ def prepare_run_dir(trainer: Trainer) -> bool:
         trainer.saved_step = trainer.step if resumed else None
         return resumed
     restored = ckpt.restore_latest(run_dir, lambda p: restore(trainer, p))
+    if restored is not None:  # the folder must still be split as the run's start recorded
+        check_run_dataset(run_dir, trainer.train_set)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         stale = ckpt.remove_stale_temp(ckpt.checkpoint_dir(run_dir))
@@ -154,6 +157,8 @@ def prepare_run_dir(trainer: Trainer) -> bool:
     if restored is None or not config_path.is_file():
         config_text = dump_yaml(trainer.cfg).encode()
         ckpt.atomic_write(config_path, lambda f: f.write(config_text), "config")
+    if restored is None or not (run_dir / DATASET_RECORD).is_file():
+        write_run_dataset(run_dir, trainer.train_set)
     if trainer.recipe_changes:
         entry = recipe.history_entry(trainer.step, trainer.recipe_changes, restored)
         recipe.append_history(run_dir, entry)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from hjepa.config import Config, ConfigError, from_dict
+from hjepa.config import NATIVE_CHANNELS, Config, ConfigError, from_dict
 
 # Keys that cannot change what a step computes. Why each is safe:
 RUN_ONLY_KEYS = (
@@ -107,6 +107,9 @@ def config_diff(stored: dict[str, Any], current: Config) -> list[Change]:
     """
     old = _flat(from_dict(stored).to_dict())
     new = _flat(current.to_dict())
+    if old["data.name"] == new["data.name"] in NATIVE_CHANNELS:
+        # data.channels cannot act on these: runs before data.channels=0 recorded 1 for all.
+        old["data.channels"] = new["data.channels"]
     return [
         Change(key, old[key], new[key])
         for key in new

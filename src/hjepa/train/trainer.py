@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from hjepa import rundir
 from hjepa.config import Config, ConfigError, level_weights
-from hjepa.data.datasets import check_first_image, dataset_from_config
+from hjepa.data.datasets import check_first_image, dataset_from_config, resolve_channels
 from hjepa.data.loader import EpochLoader
 from hjepa.data.normalize import channel_stats
 from hjepa.device import check_support, pick_device, pick_precision
@@ -433,7 +433,7 @@ def _training_set(cfg: Config, device: torch.device) -> Dataset:
     """The training split, its first image checked against the model's input; small in-memory
     sets live on the GPU, so batches are gathered there with no host copies."""
     train_set = dataset_from_config(cfg, "train")
-    channels = int(getattr(train_set, "channels", cfg.data.channels))
+    channels = resolve_channels(cfg, train_set)  # data.channels=0 takes the data's
     check_first_image(train_set, cfg.data.name, channels)
     images = getattr(train_set, "images", None)
     if device.type == "cuda" and images is not None and images.nbytes <= GPU_DATA_BYTES:
