@@ -1,6 +1,7 @@
 """Config files: ``base:`` chains, the rule for a file without a base, ``--print-config``, and
 the key table (``hjepa config --list``, docs/config.md) read from the schema."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,35 @@ def test_docs_config_md_is_the_generated_table():
     assert "| `loss.regularizer` | `none`, `sigreg`, `vicreg`, `sigreg+vicreg` | `none` |" in (
         config_table.markdown()
     )
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path, capsys):
+    twice = _write(
+        tmp_path / "twice.yaml",
+        "base: quickstart\ntrain:\n  max_steps: 5\nmodel:\n  depth: 2\ntrain:\n  seed: 3\n",
+    )
+    # PyYAML alone keeps the second train: section and drops max_steps without a word.
+    assert main(["train", "--config", str(twice), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{twice}:6:1" in err
+    assert "key 'train' appears twice (lines 2 and 6): merge them into one" in err
+    _write(twice, "base: quickstart\ntrain:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match="key 'seed' appears twice"):
+        load_config(str(twice))
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config("quickstart", ["data.augment={mixup: 0.1, mixup: 0.2}"])
+
+
+def test_a_token_grid_past_the_supported_size_is_refused_at_once():
+    def too_slow(signum, frame):
+        raise TimeoutError("validating the config took over 30 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(30)  # the mask checks used to run for minutes on a 25000x25000 grid
+    try:
+        with pytest.raises(ConfigError, match=r"25000x25000 token grid, past the 256x256"):
+            load_config("quickstart", ["data.image_size=100000"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert load_config("quickstart", ["data.image_size=1024"]).data.image_size == 1024  # 256

@@ -13,6 +13,7 @@ code, so a hostile pickle is refused instead of executed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -68,6 +69,7 @@ def atomic_write(path: str | Path, write: Any, what: str = "checkpoint") -> None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it what open() would
         with os.fdopen(fd, "wb") as f:
             pause = os.environ.get(PAUSE_ENV)
             if pause:  # test hook: leave a half-written temp file on disk for a while
@@ -97,6 +99,17 @@ def atomic_write(path: str | Path, write: Any, what: str = "checkpoint") -> None
             Path(tmp).unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    """The process umask: read from /proc where Linux shows it, else set and put back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
@@ -117,10 +130,12 @@ def remove_stale_temp(directory: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a plain-weights checkpoint; :class:`CheckpointError` (naming the file) otherwise."""
+    """Load a plain-weights checkpoint; :class:`CheckpointError` (naming the file and what is
+    wrong with it) otherwise, and ``ValueError`` for a ``map_location`` this machine lacks."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    check_map_location(map_location)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (
@@ -136,14 +151,91 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         IndexError,
         OSError,
     ) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = _damage(path) or (
+            f"is unreadable or not a plain-weights checkpoint ({first_sentence(e)})"
+        )
         raise CheckpointError(
-            f"checkpoint {path} is unreadable or not a plain-weights checkpoint ({first[:200]}); "
-            "move it aside to resume from an older one, or start a new run.dir"
+            f"checkpoint {path} {what}; move it aside to resume from an older one, or start a "
+            "new run.dir"
         ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not an hjepa checkpoint (no 'step')")
     return state
+
+
+def check_map_location(map_location: Any) -> None:
+    """Refuse a device this machine does not have before reading a file (torch would report
+    the file as unreadable). Callables and dicts are torch's own remapping: passed through."""
+    if not isinstance(map_location, str | torch.device):
+        return
+    device = torch.device(map_location)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"only {count} CUDA GPU(s) are visible" if count else "no CUDA GPU is visible"
+            raise ValueError(
+                f"map_location={str(map_location)!r} but {have}: load with map_location='cpu' "
+                "(the checkpoint itself is fine)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("map_location='mps' but MPS is not available: use map_location='cpu'")
+
+
+def _damage(path: Path) -> str | None:
+    """What a file that failed to load shows of itself: empty, or a zip archive (torch's
+    format) cut short, which lacks the end record a complete archive finishes with."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - (1 << 16) - 22))  # the end record sits in the last 64 KiB + 22
+        tail = f.read()
+    if head == b"PK\x03\x04" and b"PK\x05\x06" not in tail:
+        return f"is truncated at byte {size} of a zip archive (a write or copy that did not finish)"
+    return None
+
+
+def first_sentence(error: BaseException, limit: int = 300) -> str:
+    """The first sentence of an error's message, whole (long ones end at a sentence or, at
+    worst, a word boundary, marked with an ellipsis), or the error's type."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    end = text.find(". ")
+    text = text[: end + 1] if end >= 0 else text
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def state_mismatch(model_state: dict[str, Any], saved: Any, shown: int = 3) -> str:
+    """How ``saved`` misfits ``model_state``: ``key: saved [a, b] vs model [c, d]``, then keys
+    missing from it and keys the model lacks (the first ``shown`` of each)."""
+    if not isinstance(saved, dict):
+        return f"the saved weights are a {type(saved).__name__}, not a state dict"
+    shapes = [
+        f"{k}: saved {list(saved[k].shape)} vs model {list(v.shape)}"
+        for k, v in model_state.items()
+        if k in saved and getattr(saved[k], "shape", v.shape) != v.shape
+    ]
+    missing = [k for k in model_state if k not in saved]
+    extra = [k for k in saved if k not in model_state]
+
+    def listed(items: list[str], prefix: str = "") -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return f"{prefix}{', '.join(items[:shown])}{more}" if items else ""
+
+    parts = [listed(shapes), listed(missing, "missing "), listed(extra, "unexpected ")]
+    return "; ".join(p for p in parts if p) or "the weights do not fit the model"
+
+
+def load_module_state(module: torch.nn.Module, state: Any, name: str = "") -> None:
+    """``module.load_state_dict(state)`` (strict); a misfit is a ``RuntimeError`` that names
+    it (:func:`state_mismatch`), prefixed with ``name``."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        prefix = f"{name}: " if name else ""
+        raise RuntimeError(prefix + state_mismatch(module.state_dict(), state)) from e
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

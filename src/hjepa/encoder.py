@@ -26,8 +26,9 @@ class Encoder(nn.Module):
     """A frozen-feature extractor: normalisation + ViT target encoder + eval's pooling.
 
     ``images``: ``[B, C, H, W]``, float in [0, 1] or uint8 in [0, 255]; other sizes are
-    resized to :attr:`image_size` (bilinear, antialiased), as ``hjepa eval`` does. Calling
-    the module is :meth:`features` with ``level="concat"``.
+    resized to :attr:`image_size` (bilinear, antialiased), as ``hjepa eval`` does. Float
+    images outside [0, 1] (0-255 values, say) or with NaN/inf are refused (``ValueError``).
+    Calling the module is :meth:`features` with ``level="concat"``.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Encoder(nn.Module):
             x = images.float().div_(255.0)
         elif images.is_floating_point():
             x = images.float()
+            _check_unit_range(x)
         else:
             raise ValueError(f"images must be float in [0, 1] or uint8, got {images.dtype}")
         return unit_to_input(x, self.mean, self.std, self.image_size)
@@ -104,6 +106,22 @@ class Encoder(nn.Module):
         )
 
 
+def _check_unit_range(x: Tensor) -> None:
+    """Refuse float images outside [0, 1] or not finite: the encoder would return features of
+    something it never saw, without a word (0-255 floats give cosine 0.5 to the right ones)."""
+    finite, low, high = torch.stack([x.isfinite().all().float(), x.min(), x.max()]).tolist()
+    if not finite:
+        raise ValueError(
+            "images hold non-finite values (NaN or inf): their features would be meaningless; "
+            "check what produced them"
+        )
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]: divide "
+            "0-255 values by 255, or pass them as uint8 (0-255) as they are"
+        )
+
+
 def encoder_from_state(
     target_encoder: dict[str, Tensor], config: dict, *, step: int | None, source: str
 ) -> Encoder:
@@ -118,10 +136,9 @@ def encoder_from_state(
         raise ckpt.CheckpointError(f"{source} holds no target-encoder weights ({e!r})") from e
     backbone = build_encoder(cfg.model, cfg.data.image_size, channels)
     try:
-        backbone.load_state_dict(target_encoder)
+        ckpt.load_module_state(backbone, target_encoder)
     except RuntimeError as e:
-        first = (str(e).strip().splitlines() or ["state dict mismatch"])[0]
-        raise ckpt.CheckpointError(f"{source} does not fit its own config ({first})") from e
+        raise ckpt.CheckpointError(f"{source} does not fit its own config ({e})") from e
     mean, std = channel_stats(cfg.data.name, channels)
     return Encoder(
         backbone,

@@ -28,6 +28,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             feats = enc.features(images)  # images [B, C, H, W] in [0, 1]
     """
     path = Path(path)
+    ckpt.check_map_location(map_location)  # no GPU is no fault of the file: said before reading
     if path.suffix in (".safetensors", ".json"):
         return load_exported(path, map_location)
     if path.is_dir():

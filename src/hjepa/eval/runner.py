@@ -108,11 +108,10 @@ def load_target_encoder(
     :class:`ckpt.CheckpointError` when it is another architecture (a ``--checkpoint`` of
     another run)."""
     try:
-        encoder.load_state_dict(state["target_encoder"])
+        ckpt.load_module_state(encoder, state["target_encoder"])
     except (KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ckpt.CheckpointError(
-            f"{source} does not fit the model of {run_dir}/config.yaml ({first[:200]})"
+            f"{source} does not fit the model of {run_dir}/config.yaml ({e})"
         ) from e
 
 

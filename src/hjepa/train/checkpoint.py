@@ -65,12 +65,15 @@ def load_state_dict(trainer: Trainer, state: dict) -> None:
     stored_init = state["config"].get("train", {}).get("init_from", "")
     if stored_init and not cfg.train.init_from:  # keep the run's record of where it started
         cfg.train.init_from = stored_init
-    model.context_encoder.load_state_dict(state["context_encoder"])
-    model.target_encoder.load_state_dict(state["target_encoder"])
-    model.predictor.load_state_dict(state["predictor"])
-    model.heads.load_state_dict(state["heads"])
-    for name, module in optional.items():
-        module.load_state_dict(state[name])
+    modules = {
+        "context_encoder": model.context_encoder,
+        "target_encoder": model.target_encoder,
+        "predictor": model.predictor,
+        "heads": model.heads,
+        **optional,
+    }
+    for name, module in modules.items():  # a misfit names the module and its shapes
+        ckpt.load_module_state(module, state[name], name)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.skipped_steps = int(state.get("nonfinite_skipped", 0))
@@ -116,9 +119,8 @@ def restore(trainer: Trainer, path: Path) -> None:
     except ConfigError:
         raise  # the user changed the recipe: no older checkpoint would fit either
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ckpt.CheckpointError(
-            f"checkpoint {path} does not fit the model it was saved from ({first[:200]})"
+            f"checkpoint {path} does not fit the model it was saved from ({ckpt.first_sentence(e)})"
         ) from e
 
 

@@ -10,7 +10,11 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    """Appends to ``metrics.jsonl`` and TensorBoard. ``start_step``: the step this invocation
+    starts from; TensorBoard drops the values an earlier, killed process logged past it (a
+    "purge" marker in the new event file), as :func:`truncate_after` does for the JSONL."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, start_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
@@ -18,7 +22,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(
+                log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1
+            )
 
     def log(self, step: int, kind: str, values: dict[str, Any]) -> None:
         record = {"step": step, "kind": kind, **values}

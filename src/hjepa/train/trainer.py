@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hjepa import rundir
+from hjepa import rundir, runlock
 from hjepa.config import Config, ConfigError, level_weights
 from hjepa.data.datasets import check_first_image, dataset_from_config, resolve_channels
 from hjepa.data.loader import EpochLoader
@@ -274,10 +274,26 @@ class Trainer:
         """Train until ``total_steps`` (or ``stop_after`` more steps); returns the last metrics.
 
         SIGINT/SIGTERM end the run after the current optimizer step, with a checkpoint:
-        :class:`TrainingInterrupted` (see :mod:`hjepa.train.interrupt`).
+        :class:`TrainingInterrupted` (see :mod:`hjepa.train.interrupt`). The run dir is this
+        process's while it trains (:mod:`hjepa.runlock`): another trainer on it is refused.
         """
-        with StopSignals() as stop:
+        with StopSignals() as stop, self._own_run_dir():
             return self._fit(stop)
+
+    @contextlib.contextmanager
+    def _own_run_dir(self) -> Iterator[None]:
+        """Rank 0 holds the run dir's lock for the whole fit: rank 0 alone writes it, so the
+        ranks of one torchrun job share it and a second job is refused."""
+        if not self.dist.is_main:
+            yield
+            return
+        lock = runlock.acquire(self.run_dir)
+        if lock.took_over():
+            console.say(f"{self.run_dir}: {lock.took_over()}", file=sys.stderr)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _interrupted(self, signum: int, progress, logger) -> TrainingInterrupted:
         """Save the step just finished (rank 0, unless saved already), then every rank stops."""
@@ -298,7 +314,7 @@ class Trainer:
                 self.run_dir, self.device, step=self.step, world_size=self.dist.world_size
             )
         logger = (
-            MetricsLogger(self.run_dir, tensorboard=run.tensorboard)
+            MetricsLogger(self.run_dir, tensorboard=run.tensorboard, start_step=self.step)
             if main
             else distributed.NullLogger()
         )
