@@ -134,7 +134,12 @@ def dataset_record(dataset: Dataset) -> dict[str, Any] | None:
     if index is None:
         return None
     files = dataset.file_channels
-    seen = {"gray": files.gray, "colour": files.colour, "images": files.total}
+    seen = {
+        "split": dataset.split,  # the headers read are this split's
+        "gray": files.gray,
+        "colour": files.colour,
+        "images": files.total,
+    }
     return {**index.record(), "channels": dataset.channels, "file_channels": seen}
 
 

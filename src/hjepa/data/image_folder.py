@@ -117,6 +117,7 @@ class ImageFolder(Dataset):
         self.index = index_folder(root, class_subset=class_subset, val_fraction=val_fraction)
         paths, labels = self.index.split(split)
         self.root = self.index.root
+        self.split = split
         self.classes = self.index.classes
         self.num_classes = len(self.classes)
         self.file_channels = file_channels(paths)
