@@ -107,12 +107,16 @@ def test_hjepa_data_says_how_the_folder_is_split_and_counts_readable_images(tmp_
 # -- 2. channels follow the images ------------------------------------------------------------
 
 
+#: TINY without its synthetic-data keys; data.channels stays at its default.
+FOLDER_TINY = [i for i in TINY if not i.startswith(("data.channels=", "data.synthetic_size="))]
+
+
 def folder_config(tmp_path: Path, root: Path, *extra: str):
-    """A tiny run on ``root`` with data.channels at its default."""
+    """A tiny run on ``root``."""
     return load_config(
         None,
         [
-            *(item for item in TINY if not item.startswith("data.channels=")),
+            *FOLDER_TINY,
             f"run.dir={tmp_path / 'run'}",
             "data.name=image_folder",
             f"data.root={root}",
@@ -156,7 +160,7 @@ def test_a_data_channels_the_files_contradict_is_refused(tmp_path, capsys, gray,
     with pytest.raises(ConfigError, match=f"data.channels={channels} contradicts the images"):
         Trainer(folder_config(tmp_path, root, f"data.channels={channels}"))
     # The CLI: one line, nothing written.
-    args = ["train", *TINY, f"run.dir={tmp_path / 'cli'}", "data.name=image_folder"]
+    args = ["train", *FOLDER_TINY, f"run.dir={tmp_path / 'cli'}", "data.name=image_folder"]
     args += [f"data.root={root}", "data.image_size=16", f"data.channels={channels}"]
     assert main(args) == 2
     err = capsys.readouterr().err
