@@ -1,13 +1,21 @@
 """Supervised ceiling: the preset's encoder trained *with labels* for the preset's steps.
 
-    python benchmarks/supervised_ceiling.py --config quickstart [--network cnn] [key=value ...]
+    python benchmarks/supervised_ceiling.py --config quickstart [--network cnn]
+        [--recipe textbook|run] [--out FILE.jsonl] [key=value ...]
 
-Same encoder (``model.*``), batch, AdamW schedule (``optim.*``), crop and flip (``data.*``) and
-number of steps as the self-supervised run, but the loss is cross-entropy of a linear head on
-the mean of the encoder's tokens. Prints one JSON line: the head's test accuracy and the kNN
-(``eval.knn_k``) of the mean-pooled features, all 60 000 / 10 000 images. If labels cannot
-beat raw pixels at this budget, no self-supervised objective will: the architecture,
-augmentation or budget has to change first. ``--network cnn`` trains a textbook two-convolution
+Same encoder (``model.*``), batch and number of steps as the self-supervised run, but the loss
+is cross-entropy of a linear head on the mean of the encoder's tokens. Prints one JSON line:
+the head's test accuracy, and the kNN (``eval.knn_k``) and linear probe (``hjepa eval``'s own
+L-BFGS probe) of the mean-pooled features, all 60 000 / 10 000 images.
+
+``--recipe textbook`` (the default) trains the way a supervised network is trained: AdamW at
+lr 1e-3 warmed up from 0 over 30 steps then cosine, constant weight decay 0.05, no crop, no
+flip (:data:`TEXTBOOK`); the ``key=value`` overrides come after it, so a sweep changes one of
+them. Under it the textbook CNN reaches head 0.871 / kNN 0.884 in 468 steps of batch 128, the
+number a correct harness must reproduce before it is read as a ceiling. ``--recipe run`` keeps
+the preset's own self-supervised optimisation and crops instead (weight decay ramped 0.04 ->
+0.4, crops of 30-100 %), which costs that CNN 7.5 points (docs/recipe.md).
+``--network cnn`` trains a textbook two-convolution
 network instead (:class:`ReferenceCNN`) under the same data, schedule and steps; ``--network
 cnn_mean`` the same convolutions with a per-cell hidden layer, read out as the mean of its cells
 (as ``hjepa eval`` reads an encoder). Pixels are scaled to [-1, 1] (mean = std = 0.5).
@@ -27,12 +35,25 @@ from hjepa.config import Config, load_config
 from hjepa.data.augment import BatchAugment, to_float
 from hjepa.data.datasets import dataset_from_config
 from hjepa.eval.knn import knn_accuracy
+from hjepa.eval.linear import fit_linear_classifier
 from hjepa.models.hjepa import build_encoder
 from hjepa.train.optim import build_optimizer, set_schedule
 from hjepa.train.schedules import cosine, warmup_cosine
 from hjepa.train.sizes import total_steps, warmup_steps
 
 NETWORKS = ("vit", "cnn", "cnn_mean")
+RECIPES = ("textbook", "run")
+# The supervised textbook recipe, as config overrides (see the module docstring).
+TEXTBOOK = [
+    "optim.lr=1e-3",
+    "optim.start_lr=0",
+    "optim.warmup_steps=30",
+    "optim.weight_decay=0.05",
+    "optim.final_weight_decay=0.05",
+    "data.crop_scale=[1.0,1.0]",
+    "data.crop_ratio=[1.0,1.0]",
+    "data.hflip=0",
+]
 READOUTS = ("flatten", "mean")  # of ReferenceCNN: in place, or the mean of its cells
 
 
@@ -149,12 +170,14 @@ def supervised_ceiling(cfg: Config, network: str = "vit") -> dict:
         k=cfg.eval.knn_k,
         temperature=cfg.eval.knn_temperature,
     )
+    linear = fit_linear_classifier(f_train, ys, train_set.num_classes, seed=t.seed)
     return {
         "network": network,
         "steps": total,
         "train_s": round(train_s, 1),
         "head_test_acc": round(head_acc, 4),
         "knn_test": round(knn, 4),
+        "linear_test": round(linear.accuracy(f_test, test_y), 4),
     }
 
 
@@ -167,10 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         default="vit",
         help="the preset's ViT or ReferenceCNN (flatten or mean readout)",
     )
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="textbook",
+        help="textbook: supervised AdamW, constant weight decay, no crops (TEXTBOOK); "
+        "run: the preset's own optimisation and crops",
+    )
+    parser.add_argument("--out", help="also append the JSON line to this file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (after the recipe)")
     args = parser.parse_args(argv)
-    result = supervised_ceiling(load_config(args.config, args.overrides), args.network)
-    print(json.dumps({**result, "config": args.config, "overrides": args.overrides}))
+    overrides = (TEXTBOOK if args.recipe == "textbook" else []) + args.overrides
+    result = supervised_ceiling(load_config(args.config, overrides), args.network)
+    line = json.dumps(
+        {**result, "config": args.config, "recipe": args.recipe, "overrides": args.overrides}
+    )
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
     return 0
 
 

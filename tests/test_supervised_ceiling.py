@@ -79,3 +79,25 @@ def test_the_reference_cnn_reads_its_map_in_place_or_as_the_mean_of_its_cells():
     assert (diff[:, 0, 0] > 0).all() and (diff[:, 3:, 3:] == 0).all()
     with pytest.raises(ValueError, match="readout must be one of"):
         cnn(1, 28, readout="max")
+
+
+@pytest.mark.slow
+def test_the_textbook_recipe_comes_first_and_the_probes_read_the_trained_features(tmp_path):
+    import json
+
+    write_digits_folder(tmp_path / "digits")
+    module = _module()
+    out = tmp_path / "ceiling.jsonl"
+    # optim.weight_decay=0.1 after the recipe: a sweep overrides one of the recipe's keys
+    args = ["--config", "quickstart", "--network", "cnn", "--out", str(out)]
+    overrides = [*SMALL, f"data.root={tmp_path / 'digits'}", "train.max_steps=100"]
+    assert module.main([*args, *overrides, "optim.weight_decay=0.1"]) == 0
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["recipe"] == "textbook" and row["steps"] == 100
+    # the linear probe is fit on the trained features with their own labels: a probe whose
+    # labels do not follow their features stays near chance (0.1)
+    assert row["linear_test"] >= 0.8 and row["knn_test"] >= 0.8, row
+    cfg = module.load_config("quickstart", [*module.TEXTBOOK, "optim.weight_decay=0.1"])
+    assert cfg.optim.weight_decay == 0.1 and cfg.optim.final_weight_decay == 0.05
+    assert cfg.data.crop_scale == [1.0, 1.0] and cfg.data.hflip == 0.0
+    assert cfg.optim.start_lr == 0.0 and cfg.optim.warmup_steps == 30
