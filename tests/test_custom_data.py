@@ -16,6 +16,7 @@ from PIL import Image
 
 from hjepa.cli import main
 from hjepa.config import ConfigError, load_config
+from hjepa.data import image_folder
 from hjepa.data.datasets import build_dataset
 from hjepa.data.image_folder import ImageFolder
 from hjepa.train.recipe import config_diff
@@ -152,6 +153,17 @@ def test_a_grayscale_folder_stays_one_channel_and_a_mixed_one_is_rgb_with_a_warn
     assert data.channels == 3
     image, _ = data[4]
     assert image.shape == (3, 8, 8) and (image[0] == image[1]).all()  # grey repeated
+
+
+def test_a_colour_image_the_header_sample_missed_is_named_when_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_folder, "MODE_SAMPLE", 2)  # large folders: a spread of headers
+    write_images(tmp_path / "data" / "train" / "cat", 4, gray=True)
+    write_images(tmp_path / "data" / "train" / "cat", 1, start=4)  # 04.png, colour, not read
+    write_images(tmp_path / "data" / "val" / "cat", 1, gray=True)
+    data = ImageFolder(tmp_path / "data", "train", image_size=8)
+    assert data.channels == 1 and "(headers of 2 of 5 images)" in data.file_channels.describe()
+    with pytest.warns(UserWarning, match=r"04.png is a colour image .*: set data.channels=3"):
+        data[4]
 
 
 @pytest.mark.parametrize(("gray", "channels"), [(False, 1), (True, 3)])

@@ -152,8 +152,8 @@ class ImageFolder(Dataset):
         size = self.image_size
         with Image.open(path) as img:
             if self.follows_files and mode == "L" and not _is_gray(img):
-                self._warn_once(
-                    path,
+                self._warn_once(  # once: the first colour image stands for the rest
+                    "colour",
                     f"{path} is a colour image in a split read as grayscale (its channels were "
                     f"decided from {MODE_SAMPLE} sampled headers): set data.channels=3",
                 )
@@ -184,9 +184,9 @@ class ImageFolder(Dataset):
             blank = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
             return blank, SKIPPED_LABEL
 
-    def _warn_once(self, path: str, message: str) -> None:
-        if path not in self._warned:
-            self._warned.add(path)
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
     def __repr__(self) -> str:
