@@ -82,6 +82,8 @@ def test_val_fraction_is_refused_where_it_cannot_act(tmp_path):
         ImageFolder(tmp_path / "split", "train", image_size=8, val_fraction=0.2)
     with pytest.raises(ConfigError, match="data.val_fraction"):
         load_config(None, [*TINY, "data.val_fraction=0.2"])  # synthetic data has a test split
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 0.5\], got 0.7"):
+        ImageFolder(tmp_path / "split" / "train", "train", image_size=8, val_fraction=0.7)
 
 
 def test_hjepa_data_says_how_the_folder_is_split_and_counts_readable_images(tmp_path, capsys):

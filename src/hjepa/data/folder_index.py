@@ -205,6 +205,8 @@ def index_folder(
 ) -> FolderIndex:
     """List both splits of ``root`` under one class index (module docstring)."""
     root = Path(root).expanduser()
+    if not 0.0 < val_fraction <= 0.5:  # as the schema bounds data.val_fraction
+        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction:g}")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder root {root} does not exist (set data.root)")
     layout, train, held = _layout(root)
