@@ -85,11 +85,10 @@ def test_three_load_paths_give_eval_features_exactly(run, held_out, tmp_path):
         for level, expected in reference.items():
             assert torch.equal(_batched(encoder, unit, level), expected), (name, level)
             assert torch.equal(_batched(encoder, u8, level), expected), (name, level)
-    # Feeding normalised images would not match: the normalisation really is inside.
+    # Normalised images are not what it takes (the normalisation is inside): refused.
     mean, std = channel_stats("synthetic", 1)
-    assert not torch.allclose(
-        _batched(encoders["run dir"], (unit - mean) / std, "concat"), reference["concat"]
-    )
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], got values in"):
+        _batched(encoders["run dir"], (unit - mean) / std, "concat")
 
 
 def test_tokens_and_levels(run, held_out):
