@@ -8,7 +8,7 @@ PUBLIC_KEYS = {
     "train.max_steps": 7,
     "train.stop_after": 2,
     "train.batch_size": 64,
-    "data.name": "synthetic",
+    "data.name": "image_folder",  # data.root is read by the datasets decoded from files
     "data.root": "/tmp/somewhere",
     "data.image_size": 32,
     "data.channels": 3,

@@ -315,11 +315,14 @@ def test_nested_keys_set_validate_and_round_trip(tmp_path):
         load_config(None, ["data.augment.mixpu=0.2"])
     with pytest.raises(ConfigError, match="group of settings"):
         load_config(None, ["data.augment=3"])
-    as_dict = load_config(None, ["data.augment={cutmix: 1.0, blur_sigma: [0.2, 1.0]}"])
+    as_dict = load_config(
+        None, ["data.augment={cutmix: 1.0, three_augment: 0.5, blur_sigma: [0.2, 1.0]}"]
+    )
     assert as_dict.data.augment.cutmix == 1.0 and as_dict.data.augment.blur_sigma == [0.2, 1.0]
     path = tmp_path / "c.yaml"
     path.write_text(
-        "base: defaults\ndata:\n  augment:\n    random_erasing: 0.25\n  multicrop:\n    weight: 2\n"
+        "base: defaults\ndata:\n  augment:\n    random_erasing: 0.25\n"
+        "  multicrop:\n    num_local: 1\n    weight: 2\n"
     )
     from_yaml = load_config(str(path))
     assert from_yaml.data.augment.random_erasing == 0.25 and from_yaml.data.multicrop.weight == 2.0

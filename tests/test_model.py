@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hjepa.config import load_config
-from hjepa.data.masks import MultiBlockMaskSampler
+from hjepa.data.masks import MultiBlockMaskSampler, mask_to_index
 from hjepa.models.hierarchy import cell_of_token, masked_cell_mean, pool_tokens
 from hjepa.models.hjepa import HJEPA
 from hjepa.models.predictor import Predictor
@@ -142,7 +142,7 @@ def test_targets_are_layer_normed_pooled_target_features_without_gradient():
         h = model.target_encoder(x)
     for lvl in range(3):
         full = F.layer_norm(pool_tokens(h, 8, lvl), (32,))
-        idx = masks.level_index(lvl)
+        idx = mask_to_index(masks.level_targets[lvl])
         ref = torch.stack([full[b, idx[b]] for b in range(3)])
         torch.testing.assert_close(out.targets[lvl], ref)
         assert not out.targets[lvl].requires_grad
@@ -172,10 +172,10 @@ def test_coarse_prediction_is_masked_mean_of_level0_predictions_then_head():
     x = torch.randn(3, 1, 32, 32)
     model.eval()
     out = model(x, masks)
-    ctx_idx, tgt_idx = masks.context_index(), masks.target_index()
+    ctx_idx, tgt_idx = mask_to_index(masks.context), mask_to_index(masks.targets)
     ctx = model.context_encoder(x, keep=ctx_idx)
     raw = model.predictor(ctx, ctx_idx, tgt_idx)  # [B, M, K, Dp]
-    cells = masks.level_index(1)
+    cells = mask_to_index(masks.level_targets[1])
     for b in range(3):
         for m in range(masks.targets.shape[1]):
             for k, cell in enumerate(cells[b, m].tolist()):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from hjepa.config import ConfigError, LossConfig, load_config
+from hjepa.config import SCHEMA, ConfigError, LossConfig, load_config
 from hjepa.eval.features import encoder_features
 from hjepa.eval.runner import format_table
 from hjepa.losses import SIGReg, VICReg, nt_xent, prediction_loss
@@ -47,8 +47,15 @@ def _output(trainer, micro_index: int = 0):
 
 
 def _objective(*overrides: str) -> Objective:
-    cfg = load_config(None, [*TINY, *overrides])
-    return Objective.from_config(cfg)
+    """The objective of TINY + ``overrides``, less the keys its regularizer does not read (a
+    config refuses them)."""
+    chosen = load_config(None, [*TINY, *(o for o in overrides if not _gated(o))])
+    live = [o for o in overrides if not _gated(o) or _gated(o).active(chosen)]
+    return Objective.from_config(load_config(None, [*TINY, *live]))
+
+
+def _gated(override: str):
+    return SCHEMA[override.partition("=")[0]].when
 
 
 # -- each term adds exactly weight x its direct value ------------------------------------------

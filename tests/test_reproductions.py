@@ -1,28 +1,30 @@
-"""The ablation's reproductions are extensions the top of the package registers with the core."""
+"""The ablation's reproductions are ordinary options: valid from Python with no registry call."""
 
 import pytest
 import torch
 
-from hjepa.config import ConfigError
-from hjepa.data import masks
+from hjepa.data.footprints import GENTLE, GEOMETRIC
 from hjepa.data.masks import MultiBlockMaskSampler
-from hjepa.experiments import reproductions
-from hjepa.train import trainer as trainer_module
 from hjepa.train.trainer import Trainer
 
 
-def test_the_core_refuses_a_reproduction_that_is_not_installed(tiny_config, monkeypatch):
-    for name in ("gentle", "geometric"):  # as before install(); restored after the test
-        monkeypatch.delitem(masks.FOOTPRINT_RULES, name)
-    monkeypatch.delitem(trainer_module.EMA_TIMINGS, "before_step")
-    with pytest.raises(ValueError, match=r"geometric.*reproductions\.install\(\)"):
-        MultiBlockMaskSampler(8, scale_mode="geometric")
-    with pytest.raises(ConfigError, match=r"before_step.*reproductions\.install\(\)"):
-        Trainer(tiny_config("train.ema_timing=before_step"))
-    reproductions.install()
-    assert MultiBlockMaskSampler(8, scale_mode="geometric").rule is reproductions.GEOMETRIC
+def test_reproductions_need_no_registry_call(tiny_config):
+    assert MultiBlockMaskSampler(8, scale_mode="geometric").rule is GEOMETRIC
+    assert MultiBlockMaskSampler(8, scale_mode="gentle").rule is GENTLE
     trainer = Trainer(tiny_config("train.ema_timing=before_step"))
     assert not trainer.ema_after_step  # the pre-step hook takes the EMA instead
+    target = [p.clone() for p in trainer.model.target_encoder.parameters()]
+    online = [p.detach().clone() for p in trainer.model.context_encoder.parameters()]
+    trainer.train_step(next(trainer.step_batches()))
+    m = trainer.momentum_at(0)
+    # The EMA averaged the weights from before the step: the pre-step online weights.
+    for t0, o0, t1 in zip(target, online, trainer.model.target_encoder.parameters()):
+        torch.testing.assert_close(t1, torch.lerp(t0, o0, 1.0 - m))
+
+
+def test_an_unknown_scale_mode_is_refused():
+    with pytest.raises(ValueError, match=r"scale_mode='wide' is unknown: use one of"):
+        MultiBlockMaskSampler(8, scale_mode="wide")
 
 
 def test_the_default_uses_no_reproduction(tiny_config):

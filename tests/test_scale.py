@@ -8,11 +8,21 @@ import torch
 from PIL import Image
 
 from hjepa.config import ConfigError, load_config
-from hjepa.models.predictor import Predictor, shared_attention_mask
+from hjepa.models.predictor import Predictor
 from hjepa.models.vit import Block, ContextBlocks, run_blocks
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import Trainer
 from tests.benchmark_scripts import load_benchmark
+
+
+def shared_attention_mask(num_context: int, num_blocks: int, block_size: int) -> torch.Tensor:
+    """``[L, L]`` bool (True: may attend), ``L = Nc + M Nt``, for the sequence ``[context,
+    block 1, ..., block M]``: context rows see the context; block rows see the context and
+    their own block. The pattern :class:`ContextBlocks` computes without the masked scores."""
+    group = torch.arange(num_blocks).repeat_interleave(block_size)
+    group = torch.cat([torch.full((num_context,), -1), group])
+    return (group[None, :] == -1) | (group[:, None] == group[None, :])
+
 
 # -- presets ------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from hjepa.cli import main
 from hjepa.config import CHOICES, Config, ConfigError, get_value, load_config, valid_keys
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import NonFiniteLossError, Trainer
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny
 
 # -- fake Fashion-MNIST files ------------------------------------------------------------------
 
@@ -82,7 +82,8 @@ def test_bad_input_fails_fast_in_one_line(tmp_path, capsys, make_root, overrides
     if make_root is not None:
         make_root(root)
         overrides = [*overrides, f"data.root={root}"]
-    args = ["train", "--config", "quickstart", *TINY, f"run.dir={run}", "train.max_steps=2"]
+    args = ["train", "--config", "quickstart", *tiny(*overrides), f"run.dir={run}"]
+    args += ["train.max_steps=2"]
     args += overrides
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hjepa.losses.collectives import all_gather_cat, all_reduce_sum, is_distributed
 from hjepa.losses.contrastive import nt_xent
-from hjepa.losses.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from hjepa.losses.vicreg import VICReg, covariance_loss, invariance_loss, variance_loss
 from hjepa.models.heads import ProjectionHead
 from tests import gloo
@@ -163,6 +163,11 @@ def test_projection_head_shapes_and_gradients(norm):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
     with pytest.raises(ValueError, match="norm"):
         ProjectionHead(12, norm="group")
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks with gradient, from the package's differentiable sum."""
+    return all_reduce_sum(x) / dist.get_world_size() if is_distributed() else x
 
 
 def test_collectives_are_identity_without_distributed():

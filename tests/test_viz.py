@@ -14,7 +14,7 @@ from hjepa.models.vit import VisionTransformer
 from hjepa.train.trainer import train
 from hjepa.viz.attention import attention_summaries, last_block_attention
 from hjepa.viz.curves import plot_curves
-from hjepa.viz.masks import cells_to_tokens
+from hjepa.viz.mask_plots import cells_to_tokens
 from hjepa.viz.pca import pca_rgb
 from hjepa.viz.runner import visualize_run
 from tests.conftest import TINY

@@ -18,7 +18,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from hjepa.data.fashion_mnist import load_fashion_mnist
 from hjepa.data.masks import MultiBlockMaskSampler
-from hjepa.viz.masks import cells_to_tokens
+from hjepa.viz.mask_plots import cells_to_tokens
 
 IMAGE_SIZE, PATCH, LEVELS = 28, 4, 3
 GRID = IMAGE_SIZE // PATCH

@@ -152,7 +152,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from hjepa.bench import benchmark_step
+    from hjepa.step_speed import benchmark_step
 
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(benchmark_step(cfg, steps=args.steps, warmup=args.warmup), indent=2))
@@ -301,10 +301,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in ("train", "ablate", "viz", "bench"):  # they train or draw masks
-            from hjepa.experiments import reproductions
-
-            reproductions.install()  # the ablation's variants, selectable by config value
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"hjepa {args.command}: error: {e}", file=sys.stderr)

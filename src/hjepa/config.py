@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -64,6 +65,117 @@ def _num(x: float | None) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+@dataclass(frozen=True)
+class Mode:
+    """A setting some keys act under; outside it nothing reads them, so :func:`validate` refuses
+    a non-default value of such a key (``setting(..., when=MODE)``) rather than run without it.
+
+    ``active(cfg)``: whether the mode is on; ``state(cfg)``: the settings that have it off, as
+    the refusal names them; ``fix``: how to turn it on; ``off``/``on``: ``key=value`` overrides
+    that turn it off and on (tests/test_modes.py derives its cases from them).
+    """
+
+    active: Callable[[Config], bool]
+    state: Callable[[Config], str]
+    fix: str
+    off: tuple[str, ...]
+    on: tuple[str, ...] = ()
+
+
+def _terms(cfg: Config) -> list[str]:
+    return cfg.loss.regularizer.split("+")
+
+
+EMA_TARGET = Mode(
+    lambda c: c.model.target == "ema",
+    lambda c: f"model.target={c.model.target}",
+    "use model.target=ema",
+    off=("model.target=shared", "loss.regularizer=sigreg"),
+)
+SHARED_TARGET = Mode(
+    lambda c: c.model.target == "shared",
+    lambda c: f"model.target={c.model.target}",
+    "use model.target=shared with a regularizer",
+    off=(),
+    on=("model.target=shared", "loss.regularizer=sigreg"),
+)
+TOKEN_SIGREG = Mode(
+    lambda c: "sigreg" in _terms(c),
+    lambda c: f"loss.regularizer={c.loss.regularizer}",
+    "choose loss.regularizer=sigreg or sigreg+vicreg",
+    off=("loss.regularizer=none",),
+    on=("loss.regularizer=sigreg",),
+)
+ANY_SIGREG = Mode(  # the token SIGReg or the view-level one (loss.view_sigreg)
+    lambda c: "sigreg" in _terms(c) or c.loss.view_sigreg > 0,
+    lambda c: f"loss.regularizer={c.loss.regularizer} and loss.view_sigreg=0",
+    "choose loss.regularizer=sigreg or sigreg+vicreg",
+    off=("loss.regularizer=none",),
+    on=("loss.regularizer=sigreg",),
+)
+VICREG = Mode(
+    lambda c: "vicreg" in _terms(c),
+    lambda c: f"loss.regularizer={c.loss.regularizer}",
+    "choose loss.regularizer=vicreg or sigreg+vicreg",
+    off=("loss.regularizer=sigreg",),
+    on=("loss.regularizer=sigreg+vicreg",),
+)
+CONTRAST = Mode(
+    lambda c: c.loss.contrastive,
+    lambda c: "loss.contrastive=false",
+    "set loss.contrastive=true",
+    off=("loss.contrastive=false",),
+    on=("loss.contrastive=true",),
+)
+MULTICROP = Mode(
+    lambda c: c.data.multicrop.num_local > 0,
+    lambda c: "data.multicrop.num_local=0",
+    "set data.multicrop.num_local >= 1",
+    off=("data.multicrop.num_local=0",),
+    on=("data.multicrop.num_local=1",),
+)
+THREE_AUGMENT = Mode(
+    lambda c: c.data.augment.three_augment > 0,
+    lambda c: "data.augment.three_augment=0",
+    "set data.augment.three_augment > 0 (its blur draws this sigma)",
+    off=("data.augment.three_augment=0",),
+    on=("data.augment.three_augment=0.5",),
+)
+WARMUP = Mode(
+    lambda c: c.optim.warmup_steps > 0 or c.optim.warmup_fraction > 0,
+    lambda c: "optim.warmup_steps=0 and optim.warmup_fraction=0",
+    "give the run a warmup (optim.warmup_steps or optim.warmup_fraction)",
+    off=("optim.warmup_steps=0", "optim.warmup_fraction=0"),
+)
+WARMUP_BY_FRACTION = Mode(
+    lambda c: c.optim.warmup_steps == 0,
+    lambda c: f"optim.warmup_steps={c.optim.warmup_steps}",
+    "set optim.warmup_steps=0",
+    off=("optim.warmup_steps=10",),
+)
+SYNTHETIC = Mode(
+    lambda c: c.data.name == "synthetic",
+    lambda c: f"data.name={c.data.name}",
+    "use data.name=synthetic",
+    off=("data.name=fashion_mnist",),
+    on=("data.name=synthetic",),
+)
+FILES = Mode(  # datasets read from a folder (synthetic images are generated)
+    lambda c: c.data.name != "synthetic",
+    lambda c: f"data.name={c.data.name}",
+    "use a dataset read from files",
+    off=("data.name=synthetic",),
+    on=("data.name=fashion_mnist",),
+)
+IMAGE_FOLDER = Mode(
+    lambda c: c.data.name == "image_folder",
+    lambda c: f"data.name={c.data.name} (which has its own test split)",
+    "use data.name=image_folder",
+    off=("data.name=fashion_mnist",),
+    on=("data.name=image_folder",),
+)
+
+
 def setting(
     default: Any,
     help: str,
@@ -76,13 +188,14 @@ def setting(
     pair: bool = False,
     nonempty: bool = False,
     refusal: str = "",
+    when: Mode | None = None,
 ) -> Any:
     """A schema field: ``default``, a one-line ``help``, and what a value must satisfy.
 
     ``ge``/``gt``/``le``/``lt``: bounds (of every entry, for a list); ``pair``: a
     ``[min, max]`` range, ``min <= max``, both within the bounds; ``nonempty``: a string or list
     that may not be empty; ``refusal``: the message when the bounds fail, where the generic one
-    would not say enough.
+    would not say enough; ``when``: the :class:`Mode` the key acts in (None: every mode).
     """
     low, high = (gt if ge is None else ge), (lt if le is None else le)
     bounds = None
@@ -90,14 +203,21 @@ def setting(
         bounds = Bounds(
             low, high, ge is None and gt is not None, le is None and lt is not None, what
         )
-    meta = {"help": help, "bounds": bounds, "pair": pair, "nonempty": nonempty, "refusal": refusal}
+    meta = {
+        "help": help,
+        "bounds": bounds,
+        "pair": pair,
+        "nonempty": nonempty,
+        "refusal": refusal,
+        "when": when,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def probability(default: float, help: str) -> Any:
-    return setting(default, help, ge=0.0, le=1.0, what="a probability")
+def probability(default: float, help: str, when: Mode | None = None) -> Any:
+    return setting(default, help, ge=0.0, le=1.0, what="a probability", when=when)
 
 
 # -- the schema --------------------------------------------------------------------------------
@@ -143,15 +263,23 @@ class TrainConfig:
     accum_steps: int = setting(1, "micro-batches accumulated per optimizer step", ge=1)
     grad_clip: float = setting(1.0, "largest global gradient norm (0: no clipping)", ge=0.0)
     ema_start: float = setting(
-        0.996, "target-encoder EMA momentum at the first step", ge=0.0, le=1.0
+        0.996,
+        "target-encoder EMA momentum at the first step",
+        ge=0.0,
+        le=1.0,
+        when=EMA_TARGET,
     )
     ema_end: float = setting(
-        1.0, "EMA momentum at the last step (linear in between)", ge=0.0, le=1.0
+        1.0,
+        "EMA momentum at the last step (linear in between)",
+        ge=0.0,
+        le=1.0,
+        when=EMA_TARGET,
     )
     ema_timing: Literal["after_step", "before_step"] = setting(
         "after_step",
-        "after_step: EMA after optimizer.step; before_step: an ablation"
-        " (experiments/reproductions.py)",
+        "after_step: EMA after optimizer.step; before_step: before it, an ablation (train/ema.py)",
+        when=EMA_TARGET,
     )
     log_every: int = setting(
         20, "optimizer steps between training-loss records in metrics.jsonl", ge=1
@@ -184,14 +312,21 @@ class TrainConfig:
 class OptimConfig:
     lr: float = setting(1e-3, "peak learning rate of AdamW, reached at the end of warmup", gt=0.0)
     start_lr: float = setting(
-        2e-4, "learning rate at the first step (linear warmup from it)", ge=0.0
+        2e-4,
+        "learning rate at the first step (linear warmup from it)",
+        ge=0.0,
+        when=WARMUP,
     )
     final_lr: float = setting(1e-6, "learning rate at the last step (cosine decay to it)", ge=0.0)
     warmup_steps: int = setting(
         0, "optimizer steps of warmup (0: warmup_fraction of the run)", ge=0
     )
     warmup_fraction: float = setting(
-        0.05, "fraction of the run spent in warmup when warmup_steps is 0", ge=0.0, le=1.0
+        0.05,
+        "fraction of the run spent in warmup when warmup_steps is 0",
+        ge=0.0,
+        le=1.0,
+        when=WARMUP_BY_FRACTION,
     )
     weight_decay: float = setting(0.04, "weight decay at the first step (cosine schedule)", ge=0.0)
     final_weight_decay: float = setting(0.4, "weight decay at the last step", ge=0.0)
@@ -206,7 +341,12 @@ class AugmentConfig:
         0.0, "chance per image of one of grayscale, solarize or blur"
     )
     blur_sigma: list[float] = setting(
-        [0.1, 2.0], "range of the blur's Gaussian sigma, in pixels", ge=1e-3, le=100.0, pair=True
+        [0.1, 2.0],
+        "range of the blur's Gaussian sigma, in pixels",
+        ge=1e-3,
+        le=100.0,
+        pair=True,
+        when=THREE_AUGMENT,
     )
     color_jitter: float = setting(
         0.0,
@@ -228,7 +368,10 @@ class MultiCropConfig:
 
     num_local: int = setting(0, "local crops per image (0: no multi-crop)", ge=0)
     local_size: int = setting(
-        16, "side of a local crop in pixels, a multiple of model.patch_size", ge=1
+        16,
+        "side of a local crop in pixels, a multiple of model.patch_size",
+        ge=1,
+        when=MULTICROP,
     )
     local_scale: list[float] = setting(
         [0.05, 0.4],
@@ -236,16 +379,22 @@ class MultiCropConfig:
         ge=1e-3,
         le=1.0,
         pair=True,
+        when=MULTICROP,
     )
     weight: float = setting(
-        1.0, "weight of the local-to-global prediction term in the loss", ge=0.0
+        1.0,
+        "weight of the local-to-global prediction term in the loss",
+        ge=0.0,
+        when=MULTICROP,
     )
 
 
 @dataclass
 class DataConfig:
     name: DatasetName = setting("fashion_mnist", "dataset to train on")
-    root: str = setting("", "folder holding the dataset ('': the dataset's default locations)")
+    root: str = setting(
+        "", "folder holding the dataset ('': the dataset's default locations)", when=FILES
+    )
     image_size: int = setting(28, "side of the square images the model sees, in pixels", ge=1)
     channels: int = setting(
         0,
@@ -253,16 +402,22 @@ class DataConfig:
         ge=0,
     )
     synthetic_size: int = setting(
-        2048, "training images of 'synthetic' (its test split has a quarter)", ge=1
+        2048,
+        "training images of 'synthetic' (its test split has a quarter)",
+        ge=1,
+        when=SYNTHETIC,
     )
     class_subset: str = setting(
-        "", "image_folder only: 'imagenet100' or a file of class folder names"
+        "",
+        "image_folder only: 'imagenet100' or a file of class folder names",
+        when=IMAGE_FOLDER,
     )
     val_fraction: float = setting(
         0.1,
         "image_folder without val/: share of each class held out as the test split",
         gt=0.0,
         le=0.5,
+        when=IMAGE_FOLDER,
     )
     crop_scale: list[float] = setting(
         [0.3, 1.0],
@@ -333,7 +488,9 @@ class ModelConfig:
         "ema",
         "targets from an EMA copy of the encoder, or from the encoder itself (needs a regulariser)",
     )
-    target_stop_grad: bool = setting(True, "with target=shared: the targets carry no gradient")
+    target_stop_grad: bool = setting(
+        True, "with target=shared: the targets carry no gradient", when=SHARED_TARGET
+    )
 
 
 @dataclass
@@ -358,8 +515,7 @@ class MaskingConfig:
     )
     scale_mode: Literal["constant", "gentle", "geometric"] = setting(
         "constant",
-        "constant: all levels reuse the level-0 targets; gentle, geometric:"
-        " experiments/reproductions.py",
+        "constant: all levels reuse the level-0 targets; gentle, geometric: data/footprints.py",
     )
     min_context: int = setting(4, "fewest context tokens a mask may leave; fewer are redrawn", ge=1)
 
@@ -372,41 +528,64 @@ class LossConfig:
     )
     regularizer: Regularizer = setting("none", "anti-collapse term (docs/regularizers.md)")
     regularize_on: Literal["context", "predictor", "pooled"] = setting(
-        "context", "what SIGReg sees: context tokens, predictions or level-pooled context"
+        "context",
+        "what SIGReg sees: context tokens, predictions or level-pooled context",
+        when=TOKEN_SIGREG,
     )
-    sigreg_weight: float = setting(0.05, "weight of SIGReg in the loss", ge=0.0)
-    sigreg_slices: int = setting(1024, "random directions SIGReg projects on each step", ge=1)
+    sigreg_weight: float = setting(0.05, "weight of SIGReg in the loss", ge=0.0, when=TOKEN_SIGREG)
+    sigreg_slices: int = setting(
+        1024, "random directions SIGReg projects on each step", ge=1, when=ANY_SIGREG
+    )
     sigreg_draw: Literal["gaussian", "permuted"] = setting(
         "gaussian",
         "SIGReg's directions: fresh Gaussian, or one Gaussian set signed-permuted per step",
+        when=ANY_SIGREG,
     )
     sigreg_eval: Literal["table", "powers"] = setting(
         "table",
         "SIGReg's cos/sin of t_j x: 16 cosines, or 4 and complex products (faster, other rounding)",
+        when=ANY_SIGREG,
     )
     view_sigreg: float = setting(
-        0.0, "weight of SIGReg on each view's pooled embedding (needs multi-crop; 0: off)", ge=0.0
+        0.0,
+        "weight of SIGReg on each view's pooled embedding (needs multi-crop; 0: off)",
+        ge=0.0,
+        when=MULTICROP,
     )
     vicreg_weight: float = setting(
-        0.1, "weight of the VICReg term (its three parts weighted below)", ge=0.0
+        0.1,
+        "weight of the VICReg term (its three parts weighted below)",
+        ge=0.0,
+        when=VICREG,
     )
-    vicreg_var_weight: float = setting(25.0, "VICReg's variance coefficient", ge=0.0)
-    vicreg_cov_weight: float = setting(1.0, "VICReg's covariance coefficient", ge=0.0)
+    vicreg_var_weight: float = setting(25.0, "VICReg's variance coefficient", ge=0.0, when=VICREG)
+    vicreg_cov_weight: float = setting(1.0, "VICReg's covariance coefficient", ge=0.0, when=VICREG)
     vicreg_inv_weight: float = setting(
-        25.0, "VICReg's invariance coefficient (between two views)", ge=0.0
+        25.0,
+        "VICReg's invariance coefficient (between two views)",
+        ge=0.0,
+        when=VICREG,
     )
     contrastive: bool = setting(False, "C-JEPA: NT-Xent between the pooled embeddings of two views")
-    contrastive_weight: float = setting(0.1, "weight of the contrastive term", ge=0.0)
+    contrastive_weight: float = setting(
+        0.1, "weight of the contrastive term", ge=0.0, when=CONTRAST
+    )
     contrastive_temperature: float = setting(
         0.1,
         "NT-Xent temperature",
         gt=0.0,
         refusal="loss.contrastive_temperature must be > 0, e.g. 0.1",
+        when=CONTRAST,
     )
     contrastive_hidden_dim: int = setting(
-        512, "hidden width of the contrastive projection head", ge=1
+        512,
+        "hidden width of the contrastive projection head",
+        ge=1,
+        when=CONTRAST,
     )
-    contrastive_out_dim: int = setting(128, "output width of the contrastive projection head", ge=1)
+    contrastive_out_dim: int = setting(
+        128, "output width of the contrastive projection head", ge=1, when=CONTRAST
+    )
 
 
 @dataclass
@@ -425,6 +604,16 @@ class EvalConfig:
     )
     low_shot_seeds: list[int] = setting(
         [0, 1, 2], "seeds of the low-shot label draws", nonempty=True
+    )
+    attentive: bool = setting(
+        True, "attentive probe (V-JEPA: a learned query cross-attends to the frozen tokens)"
+    )
+    attentive_epochs: int = setting(4, "epochs of every attentive probe", ge=1)
+    attentive_lrs: list[float] = setting(
+        [1e-3, 3e-3], "AdamW learning rates the attentive probe chooses from", gt=0.0, nonempty=True
+    )
+    attentive_weight_decays: list[float] = setting(
+        [0.01, 0.1], "AdamW weight decays the attentive probe chooses from", ge=0.0, nonempty=True
     )
     robustness: bool = setting(True, "probe a corrupted test set (8 corruptions x 5 severities)")
     robustness_limit: int = setting(2000, "test images corrupted (0: the whole test set)", ge=0)
@@ -473,6 +662,7 @@ class Key:
     pair: bool
     nonempty: bool
     refusal: str
+    when: Mode | None
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -693,13 +883,16 @@ def _locate(name_or_path: str, folder: Path | None = None) -> _Source:
     return _Source(f"preset {name_or_path}", f"preset {name_or_path}", res.read_text(), None)
 
 
-def _resolve(source: _Source, chain: tuple[_Source, ...] = ()) -> dict[str, Any]:
+def _resolve(
+    source: _Source, chain: tuple[_Source, ...] = (), packaged_only: bool = False
+) -> dict[str, Any]:
     """The flat ``{dotted key: value}`` a config file stands for, its bases merged under it.
 
     A file that starts with ``base: PRESET_OR_PATH`` holds only its changes to that base
     (which may name a base of its own). A file without ``base:`` must set every key, as the
     resolved config a run writes does: a partial file would otherwise start from the bare
-    schema defaults, which is rarely what its author meant.
+    schema defaults, which is rarely what its author meant. ``packaged_only``: only the
+    packaged presets' part of the chain.
     """
     chain = (*chain, source)
     tree = _parse_yaml(source.text, source.label) or {}
@@ -713,6 +906,7 @@ def _resolve(source: _Source, chain: tuple[_Source, ...] = ()) -> dict[str, Any]
             _set(scratch, key, value)
         except ConfigError as e:
             raise ConfigError(f"{source.label}: {e}") from None
+    own = flat if source.folder is None or not packaged_only else {}
     if base is None:
         missing = [k for k in SCHEMA if k not in flat]
         if missing:
@@ -721,16 +915,16 @@ def _resolve(source: _Source, chain: tuple[_Source, ...] = ()) -> dict[str, Any]
                 " no base: start it with 'base: quickstart' (or another preset or a YAML path) to"
                 f" take the rest from there, or 'base: {NO_BASE}' for the schema defaults"
             )
-        return flat
+        return own
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{source.label}: base must name a preset or a YAML file, got {base!r}")
     if base == NO_BASE:
-        return flat
+        return own
     parent = _locate(base, source.folder)
     if any(parent.identity == c.identity for c in chain):
         names = " -> ".join(c.label for c in (*chain, parent))
         raise ConfigError(f"config bases form a cycle: {names}")
-    return {**_resolve(parent, chain), **flat}
+    return {**_resolve(parent, chain, packaged_only), **own}
 
 
 def resolve_config_file(name_or_path: str) -> dict[str, Any]:
@@ -762,7 +956,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             _set(cfg, key, value)
     for item in overrides:
         _set(cfg, *parse_override(item))
-    validate(cfg)
+    # A packaged preset's values count as defaults: quickstart's sigreg_weight does not stop
+    # `loss.regularizer=none` on top of it; a value the user gave does.
+    validate(cfg, presets=_resolve(_locate(preset), packaged_only=True) if preset else {})
     return cfg
 
 
@@ -892,9 +1088,10 @@ def _check_masks_feasible(cfg: Config) -> None:
         )
 
 
-def validate(cfg: Config, *, stored: bool = False) -> None:
+def validate(cfg: Config, *, stored: bool = False, presets: dict[str, Any] | None = None) -> None:
     """Refuse contradictory or impossible settings before any compute is spent (``stored``:
-    a config read back by :func:`from_dict`, which may hold a cleared ``run.dir``)."""
+    a config read back by :func:`from_dict`, which may hold a cleared ``run.dir``; ``presets``:
+    the packaged presets' values it was built on, see :func:`check_modes`)."""
     for key, options in CHOICES.items():
         value = get_value(cfg, key)
         if value not in options:
@@ -947,6 +1144,50 @@ def validate(cfg: Config, *, stored: bool = False) -> None:
     _validate_eval(cfg.eval)
     _validate_encoder_options(cfg)
     _validate_regularizers(cfg)
+    _validate_schedules(cfg)
+    if not stored:  # a stored config is read as written (runs from before these checks)
+        check_modes(cfg, presets or {})
+
+
+def check_modes(cfg: Config, presets: dict[str, Any] | None = None) -> None:
+    """Refuse a value of a key the chosen mode never reads, unless it is the schema default or
+    the value of the packaged preset the config is built on (``presets``): two runs that differ
+    only in such a key would be the same run under different labels."""
+    presets = presets or {}
+    for key in SCHEMA.values():
+        value = get_value(cfg, key.name)
+        given = value != key.default and value != presets.get(key.name, key.default)
+        if key.when is not None and given and not key.when.active(cfg):
+            raise ConfigError(
+                f"{key.name}={_show(value)} has no effect with {key.when.state(cfg)}; remove it "
+                f"or {key.when.fix}"
+            )
+
+
+def _show(value: Any) -> str:
+    return f"[{', '.join(map(_num, value))}]" if isinstance(value, list) else _num(value)
+
+
+def _validate_schedules(cfg: Config) -> None:
+    """Schedules that contradict themselves, and a loss that is zero whatever the weights."""
+    o, t, loss = cfg.optim, cfg.train, cfg.loss
+    if o.start_lr > o.lr:
+        raise ConfigError(
+            f"optim.start_lr={_num(o.start_lr)} is above the peak optim.lr={_num(o.lr)}: the "
+            "warmup would lower the rate; use a start_lr <= lr"
+        )
+    if t.max_steps and o.warmup_steps > t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} is longer than the run (train.max_steps="
+            f"{t.max_steps}): the rate would never reach optim.lr; shorten the warmup"
+        )
+    others = loss.regularizer != "none" or loss.contrastive or cfg.data.multicrop.num_local > 0
+    if not any(level_weights(cfg)) and not others:
+        raise ConfigError(
+            f"loss.level_weights={_show(level_weights(cfg))} with loss.regularizer=none and no "
+            "contrast or multi-crop: the loss is 0 at every step; give a level a weight > 0 or "
+            "add a regularizer"
+        )
 
 
 def _validate_regularizers(cfg: Config) -> None:
@@ -979,11 +1220,6 @@ def _validate_regularizers(cfg: Config) -> None:
         raise ConfigError(
             "loss.regularize_on=pooled with model.levels=1 is loss.regularize_on=context "
             "(no coarser level to pool to): use context or model.levels >= 2"
-        )
-    if loss.view_sigreg > 0 and cfg.data.multicrop.num_local < 1:
-        raise ConfigError(
-            "loss.view_sigreg acts on the pooled embeddings of multi-crop views: set "
-            "data.multicrop.num_local >= 1 (or loss.view_sigreg=0)"
         )
     if "sigreg" in terms and loss.sigreg_weight <= 0:
         raise ConfigError("loss.sigreg_weight must be > 0 with SIGReg on (or drop sigreg)")
@@ -1057,11 +1293,6 @@ def _validate_data(cfg: Config, stored: bool) -> None:
         raise ConfigError(
             f"data.channels={d.channels} contradicts {d.name}, whose images have {native} "
             "channel(s): leave data.channels=0 (follow the data)"
-        )
-    if d.name != "image_folder" and d.val_fraction != SCHEMA["data.val_fraction"].default:
-        raise ConfigError(
-            f"data.val_fraction holds out part of an image folder; {d.name} has its own test "
-            "split: leave data.val_fraction unset"
         )
 
 

@@ -9,10 +9,9 @@ of :meth:`MultiBlockMaskSampler.sample` draws, for a batch of ``B`` images:
   top-left corner is uniform over all ``(G - h + 1) x (G - w + 1)`` valid positions, so the last
   row and column are reachable.
 * **Footprints per level.** Every level is built from the level-0 target blocks
-  (``scale_mode="constant"``), so every level covers the same 15-20 % of the image. A
-  :class:`FootprintRule` registered under another ``scale_mode`` name instead draws each
-  level's blocks of its own scale range (the ablation's variants:
-  :mod:`hjepa.experiments.reproductions`).
+  (``scale_mode="constant"``), so every level covers the same 15-20 % of the image. The
+  other ``scale_mode`` values draw each level's blocks of its own scale range (the ablation's
+  variants: :mod:`hjepa.data.footprints`).
 * **Context.** One square (``a = 1``) of scale ``~ U(context_scale)`` at a random position, minus
   every footprint token of every level (a rule may hide only the level-0 ones). A sample left
   with fewer than ``min_context`` tokens is redrawn (bounded retries); then each sample keeps a
@@ -32,35 +31,16 @@ levels and (rare) retries only, never over samples or blocks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hjepa.config import Config
+from hjepa.data.footprints import FOOTPRINT_RULES
 from hjepa.grid import grid_side, level_grid, max_levels
 
 _MAX_RETRIES = 20
-
-
-@dataclass(frozen=True)
-class FootprintRule:
-    """Per-level target footprints drawn from blocks of their own, instead of the level-0
-    targets every level reuses by default.
-
-    Attributes:
-        scale: ``(target_scale, level) -> (lo, hi)``, the scale range of level ``level``'s blocks.
-        hide_all: remove every level's footprint from the context (else only level 0's).
-    """
-
-    scale: Callable[[tuple[float, float], int], tuple[float, float]]
-    hide_all: bool
-
-
-#: ``scale_mode`` values other than ``constant``, by name (registered from the top of the
-#: package: :func:`hjepa.experiments.reproductions.install`).
-FOOTPRINT_RULES: dict[str, FootprintRule] = {}
 
 
 def _cell_spans(grid_size: int, level: int) -> tuple[Tensor, Tensor]:
@@ -131,15 +111,6 @@ class MaskBatch:
     level_targets: list[Tensor]  # per level: [B, M, N_l] bool on the level-l grid
     context_block: Tensor | None = None  # [B, N] bool square before target removal (viz, tests)
 
-    def context_index(self) -> Tensor:
-        return mask_to_index(self.context)
-
-    def target_index(self) -> Tensor:
-        return mask_to_index(self.targets)
-
-    def level_index(self, level: int) -> Tensor:
-        return mask_to_index(self.level_targets[level])
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
         return MaskBatch(
@@ -184,11 +155,7 @@ class MultiBlockMaskSampler:
             )
         if scale_mode != "constant" and scale_mode not in FOOTPRINT_RULES:
             known = ("constant", *FOOTPRINT_RULES)
-            raise ValueError(
-                f"masking.scale_mode={scale_mode!r} is unknown: use one of {known} (the "
-                "ablation's gentle and geometric are registered by "
-                "hjepa.experiments.reproductions.install(), which the hjepa command calls)"
-            )
+            raise ValueError(f"masking.scale_mode={scale_mode!r} is unknown: use one of {known}")
         if num_targets < 1:
             raise ValueError(f"num_targets={num_targets} is invalid: use at least 1 target block")
         if not 1 <= min_context <= grid_size**2:

@@ -192,10 +192,8 @@ def describe(runs: Sequence[PlannedRun], preset: str, extra: Sequence[str]) -> s
 
 
 def _default_train(cfg: Config) -> Any:
-    from hjepa.experiments import reproductions
     from hjepa.train.trainer import train
 
-    reproductions.install()  # the study's variants reproduce the reviewed code's bugs
     return train(cfg)
 
 

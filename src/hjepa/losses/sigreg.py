@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from hjepa.config import CHOICES
-from hjepa.losses.distributed import is_distributed
+from hjepa.losses.collectives import is_distributed
 
 DRAWS = CHOICES["loss.sigreg_draw"]
 
@@ -340,7 +340,7 @@ class _EppsPulley(torch.autograd.Function):
     Under ``distributed`` the sums and counts are all-reduced in forward, and the incoming
     gradients in backward: each rank then gets the sum over ranks of d(loss_r)/d(its shard),
     exactly what autograd through a differentiable all-reduce would give (see
-    :mod:`hjepa.losses.distributed`). Plain collectives are right here because this function
+    :mod:`hjepa.losses.collectives`). Plain collectives are right here because this function
     defines the cross-rank backward itself.
     """
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hjepa.losses.distributed import all_gather_cat
+from hjepa.losses.collectives import all_gather_cat
 
 
 def _check_embeddings(z: Tensor, name: str = "z", min_rows: int = 2) -> None:

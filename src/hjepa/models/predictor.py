@@ -131,14 +131,3 @@ class Predictor(nn.Module):
             keep_from=nc,
         )
         return self.norm(x).reshape(b, m, nt, -1)
-
-
-def shared_attention_mask(
-    num_context: int, num_blocks: int, block_size: int, device: torch.device | None = None
-) -> Tensor:
-    """``[L, L]`` bool (True: may attend), ``L = Nc + M Nt``, for the sequence ``[context,
-    block 1, ..., block M]``: context rows see the context; block rows see the context and
-    their own block. The pattern :class:`ContextBlocks` computes without the masked scores."""
-    group = torch.arange(num_blocks, device=device).repeat_interleave(block_size)
-    group = torch.cat([torch.full((num_context,), -1, device=device), group])
-    return (group[None, :] == -1) | (group[:, None] == group[None, :])

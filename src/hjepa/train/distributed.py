@@ -23,7 +23,7 @@ process computes on the same global batch:
   from it (no gradient, no broadcast) and every rank applies the same EMA update to its copy.
   The prediction loss is a mean over equal shards, so the average of the ranks' gradients is
   the gradient of the global mean. SIGReg sums its empirical characteristic functions over
-  ranks with gradient (:mod:`hjepa.losses.distributed`), so it is the statistic of the global
+  ranks with gradient (:mod:`hjepa.losses.collectives`), so it is the statistic of the global
   batch.
 * **Side effects.** Rank 0 alone writes logs, the progress bar, probes and checkpoints; every
   rank reads ``last.pt`` on resume. Logged losses are averaged over ranks.

@@ -191,11 +191,3 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list):
         raise ConfigError(f"{path} must be a YAML list of changes; move it aside")
     return entries
-
-
-def describe_run_only(changes: list[Change]) -> str:
-    """The note printed when only run-only settings differ."""
-    return (
-        f"resuming with other run-only settings ({', '.join(map(str, changes))}); config.yaml "
-        "keeps the stored values"
-    )

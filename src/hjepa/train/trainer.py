@@ -15,7 +15,7 @@ import gc
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hjepa import rundir, runlock
-from hjepa.config import Config, ConfigError, level_weights
+from hjepa.config import Config, level_weights
 from hjepa.data.datasets import check_first_image, dataset_from_config, resolve_channels
 from hjepa.data.loader import EpochLoader
 from hjepa.data.normalize import channel_stats
@@ -34,7 +34,7 @@ from hjepa.models.hjepa import HJEPA
 from hjepa.models.vit import attention_backend
 from hjepa.train import checkpoint as run_checkpoint
 from hjepa.train import console, distributed, recipe, sizes
-from hjepa.train.ema import ema_update
+from hjepa.train.ema import ema_before_each_step, ema_update
 from hjepa.train.inputs import InputPipeline
 from hjepa.train.interrupt import StopSignals, TrainingInterrupted
 from hjepa.train.logging import MetricsLogger
@@ -44,12 +44,6 @@ from hjepa.train.schedules import cosine, linear, warmup_cosine
 from hjepa.train.warm_start import WarmStart, load_init_weights
 
 GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
-
-
-#: ``train.ema_timing`` values other than ``after_step``: each sets a new trainer up to take its
-#: EMA differently (registered from the top of the package:
-#: :func:`hjepa.experiments.reproductions.install`).
-EMA_TIMINGS: dict[str, Callable[[Trainer], None]] = {}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,19 +127,18 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.trainable_modules(), cfg.optim)
         self.max_grad_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.ema_after_step = not self.shared_target  # step 5 of train_step
-        if t.ema_timing != "after_step" and not self.shared_target:
-            if t.ema_timing not in EMA_TIMINGS:
-                raise ConfigError(
-                    f"train.ema_timing={t.ema_timing!r} is unknown: use after_step (the "
-                    "ablation's before_step is registered by "
-                    "hjepa.experiments.reproductions.install(), which the hjepa command calls)"
-                )
-            EMA_TIMINGS[t.ema_timing](self)
+        # Step 5 of train_step, or the ablation's EMA before each optimizer step.
+        self.ema_after_step = not self.shared_target and t.ema_timing == "after_step"
+        if not self.shared_target and t.ema_timing == "before_step":
+            ema_before_each_step(
+                self.optimizer,
+                self.model.target_encoder,
+                self.model.context_encoder,
+                lambda: self.momentum_at(self.step),  # the step about to be taken
+            )
         self.weights = level_weights(cfg)
         # Prediction loss + regularisers + contrast, every term logged (losses/combined.py).
         self.objective = Objective.from_config(cfg, multicrop=multicrop)
-        self.sigreg = self.objective.sigreg  # None unless SIGReg is on
         self.two_views = self.objective.needs_two_views
         if self.two_views:
             sizes.check_two_views(self.micro_batch)

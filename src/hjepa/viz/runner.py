@@ -26,7 +26,7 @@ from hjepa.train.logging import read_metrics
 from hjepa.viz.attention import attention_summaries, last_block_attention, plot_attention
 from hjepa.viz.common import display_images
 from hjepa.viz.curves import plot_curves
-from hjepa.viz.masks import plot_masks
+from hjepa.viz.mask_plots import plot_masks
 from hjepa.viz.pca import pca_rgb, plot_pca
 
 PLOTS = ("masks", "attention", "pca", "curves")

@@ -52,13 +52,6 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
 
 
-def all_reduce_mean(x: Tensor) -> Tensor:
-    r"""Mean of ``x`` over all ranks, differentiable: :math:`y = \frac{1}{W}\sum_r x_r`."""
-    if not is_distributed():
-        return x
-    return all_reduce_sum(x) / world_size()
-
-
 def all_gather_cat(x: Tensor) -> Tensor:
     """Concatenate ``x`` from all ranks along dim 0 (rank order), differentiable.
 
