@@ -71,12 +71,12 @@ def test_shapes_dtypes_and_equal_counts(grid: int, levels: int) -> None:
         assert lt.shape == (b, m, gl * gl) and lt.dtype == torch.bool
         counts = lt.sum(-1)
         assert counts.min() >= 1 and bool((counts == counts[0, 0]).all())
-        idx = masks.level_index(level)
+        idx = mask_to_index(masks.level_targets[level])
         assert idx.dtype == torch.long and idx.shape == (b, m, int(counts[0, 0]))
     ctx_counts = masks.context.sum(-1)
     assert bool((ctx_counts == ctx_counts[0]).all()) and ctx_counts[0] >= 4
-    assert masks.context_index().shape == (b, int(ctx_counts[0]))
-    assert masks.target_index().shape == (b, m, int(masks.targets[0, 0].sum()))
+    assert mask_to_index(masks.context).shape == (b, int(ctx_counts[0]))
+    assert mask_to_index(masks.targets).shape == (b, m, int(masks.targets[0, 0].sum()))
 
 
 @pytest.mark.parametrize("mode", ("constant", "gentle"))

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from hjepa.config import Config
 from hjepa.data.footprints import FOOTPRINT_RULES
-from hjepa.grid import grid_side, level_grid, max_levels
+from hjepa.grid import block_side, check_depth, check_min_context, grid_side, level_grid
 
 _MAX_RETRIES = 20
 
@@ -147,19 +147,13 @@ class MultiBlockMaskSampler:
             raise ValueError(f"grid_size={grid_size} is invalid: use a token grid of at least 1x1")
         if levels < 1:
             raise ValueError(f"model.levels={levels} is invalid: use at least 1 level")
-        if levels > max_levels(grid_size):
-            raise ValueError(
-                f"model.levels={levels} is too deep for a {grid_size}x{grid_size} token grid: "
-                f"use at most {max_levels(grid_size)} levels (the last one is 1x1), or a larger "
-                "image / smaller patch size"
-            )
+        check_depth(levels, grid_size)
         if scale_mode != "constant" and scale_mode not in FOOTPRINT_RULES:
             known = ("constant", *FOOTPRINT_RULES)
             raise ValueError(f"masking.scale_mode={scale_mode!r} is unknown: use one of {known}")
         if num_targets < 1:
             raise ValueError(f"num_targets={num_targets} is invalid: use at least 1 target block")
-        if not 1 <= min_context <= grid_size**2:
-            raise ValueError(f"min_context={min_context} is invalid: use 1..{grid_size**2}")
+        check_min_context(min_context, grid_size)
         _check_range("target_scale", target_scale)
         _check_range("context_scale", context_scale)
         _check_range("target_aspect", target_aspect, upper=None)
@@ -183,8 +177,7 @@ class MultiBlockMaskSampler:
         s = scale[0] + u_scale * (scale[1] - scale[0])
         a = aspect[0] + u_aspect * (aspect[1] - aspect[0])
         area = s * self.grid_size**2
-        side = lambda x: min(max(round(math.sqrt(x)), 1), self.grid_size)
-        return side(area * a), side(area / a)
+        return block_side(area * a, self.grid_size), block_side(area / a, self.grid_size)
 
     def _blocks(self, batch: int, count: int, size, generator: torch.Generator) -> Tensor:
         """``[batch, count, N]`` blocks of ``size = (h, w)``, top-left uniform over all offsets."""

@@ -105,7 +105,7 @@ class Objective(nn.Module):
             )
         if loss.regularize_on == "pooled" and grid_size is None:
             raise ValueError("regularize_on='pooled' needs the level-0 grid_size")
-        terms = loss.regularizer.split("+")
+        terms = loss.terms
         self.loss = dataclasses.replace(loss)  # a copy: the terms cannot change under it
         self.level_weights = [float(w) for w in level_weights]
         self.grid_size = grid_size

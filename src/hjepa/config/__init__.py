@@ -1,0 +1,86 @@
+"""Typed configuration: one schema, packaged YAML presets and ``key=value`` overrides.
+
+Three jobs, one module each: :mod:`~hjepa.config.schema` declares every key (type, default,
+bounds, description, and the :mod:`~hjepa.config.modes` it acts in); :mod:`~hjepa.config.load`
+reads presets, YAML files and overrides into it; :mod:`~hjepa.config.rules` checks the keys
+against each other. A config that loads is a config whose every option does something.
+"""
+
+from hjepa.config.load import (
+    NO_BASE,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+    preset_names,
+    resolve_config_file,
+    strict_yaml,
+)
+from hjepa.config.modes import Mode
+from hjepa.config.rules import check_attention, check_modes, expected_context, validate
+from hjepa.config.schema import (
+    CHOICES,
+    DEFAULT_LEVEL_WEIGHTS,
+    MAX_GRID,
+    MINIMUM,
+    NATIVE_CHANNELS,
+    SCHEMA,
+    AugmentConfig,
+    Bounds,
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    Key,
+    LossConfig,
+    MaskingConfig,
+    ModelConfig,
+    MultiCropConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    get_value,
+    level_weights,
+    setting,
+    valid_keys,
+)
+
+__all__ = [
+    "CHOICES",
+    "DEFAULT_LEVEL_WEIGHTS",
+    "MAX_GRID",
+    "MINIMUM",
+    "NATIVE_CHANNELS",
+    "NO_BASE",
+    "SCHEMA",
+    "AugmentConfig",
+    "Bounds",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "Key",
+    "LossConfig",
+    "MaskingConfig",
+    "Mode",
+    "ModelConfig",
+    "MultiCropConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "check_attention",
+    "check_modes",
+    "dump_yaml",
+    "expected_context",
+    "from_dict",
+    "get_value",
+    "level_weights",
+    "load_config",
+    "parse_override",
+    "preset_names",
+    "resolve_config_file",
+    "setting",
+    "strict_yaml",
+    "valid_keys",
+    "validate",
+]
