@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
 
         def fit(steps: int) -> tuple[float, float]:
-            trainer.cfg.train.stop_after = steps
-            return _timed(trainer.fit)
+            return _timed(lambda: trainer.fit(stop_after=steps))
 
         def training() -> tuple[float, float]:
             """Projected (wall, CPU) seconds of the whole preset's training."""
@@ -112,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             name: {"wall": w / train[0], "cpu": c / train[1]} for name, (w, c) in spent.items()
         }
     if args.ijepa is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from race_ijepa import BATCH, Official, Ours, official_inputs
+        from hjepa.experiments.race import BATCH, Official, Ours, official_inputs
 
         official, drawer = Official(args.ijepa), Ours("ijepa", "repeat")
         times = []

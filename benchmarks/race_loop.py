@@ -21,10 +21,10 @@ hits all three alike:
   Split into ``train_step`` (``Trainer.train_step``: inputs, model, optimizer, EMA), its
   ``inputs`` (augmentation, masks, index building) and ``between`` (the rest of the loop:
   the next batch, logging, checkpoint cadence, signal checks).
-* ``official``: the official model step (``race_ijepa.Official``) on a batch and masks drawn by
-  ``race_ijepa.Ours`` (synthetic images, our mask sampler);
-* ``model``: our model step (``race_ijepa.Ours`` with the variant's predictor mode) on that
-  *same* batch and masks.
+* ``official``: the official model step (``hjepa.experiments.race.Official``) on a batch and
+  masks drawn by ``hjepa.experiments.race.Ours`` (synthetic images, our mask sampler);
+* ``model``: our model step (``Ours`` with the variant's predictor mode) on that *same* batch
+  and masks.
 
 ``fit`` runs with its ``train_step`` wrapped: after each of our loop's steps the other two run
 (their order alternates from sample to sample). Variants take turns in calls of ``--steps``
@@ -51,39 +51,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from race_ijepa import (  # noqa: E402
+from hjepa.experiments.race import (
     BATCH,
-    DEPTH,
-    HEADS,
-    PRED_DEPTH,
-    PRED_WIDTH,
-    WIDTH,
+    RACE_VIT,
+    SYNTHETIC,
     Official,
     Ours,
+    data_overrides,
+    median_quartiles,
     official_inputs,
 )
 
-RACE_VIT = [
-    f"model.embed_dim={WIDTH}",
-    f"model.depth={DEPTH}",
-    f"model.num_heads={HEADS}",
-    f"model.predictor_embed_dim={PRED_WIDTH}",
-    f"model.predictor_depth={PRED_DEPTH}",
-    f"model.predictor_num_heads={HEADS}",
-    f"train.batch_size={BATCH}",
-    "train.knn_every=0",
-    "run.progress=false",
-    "run.tensorboard=false",
-    "run.checkpoint_every=100",
-]
-# max_steps: the schedules of a Fashion-MNIST epoch (468 steps), not those of 4096 images
-SYNTHETIC = [
-    "data.name=synthetic",
-    "data.channels=1",
-    "data.synthetic_size=4096",
-    "train.max_steps=468",
-]
 #: name -> (config overrides of the loop, predictor mode of the model step it is paired with)
 VARIANTS = {
     "quickstart": ([], "shared"),  # the preset as shipped (predictor_mode=shared)
@@ -95,16 +73,6 @@ VARIANTS = {
     "quickstart_math": (["model.attention=math"], "shared"),
 }
 SIDES = ("loop", "train_step", "inputs", "between", "official", "model")
-
-
-def _data_overrides() -> list[str]:
-    from hjepa.data.datasets import build_dataset
-
-    try:
-        build_dataset("fashion_mnist", None, "train", image_size=28)
-        return []
-    except (FileNotFoundError, ValueError):
-        return list(SYNTHETIC)
 
 
 class _Clock:
@@ -123,8 +91,8 @@ def _minus(a: tuple[float, float], *others: tuple[float, float]) -> tuple[float,
 
 class Loop:
     """One ``Trainer`` whose ``fit`` is called again and again, ``stop_after`` steps a call,
-    and the race's model step it is paired with (``model_side``: a ``race_ijepa.Ours``, whose
-    ``draw`` gives the batch both model steps run on)."""
+    and the race's model step it is paired with (``model_side``: a
+    ``hjepa.experiments.race.Ours``, whose ``draw`` gives the batch both model steps run on)."""
 
     def __init__(self, trainer, model_side) -> None:
         self.trainer, self.model_side = trainer, model_side
@@ -136,24 +104,19 @@ class Loop:
         from hjepa.config import load_config
         from hjepa.train.trainer import Trainer
 
-        overrides = [*RACE_VIT, *_data_overrides(), *extra, f"run.dir={run_dir}"]
+        overrides = [*RACE_VIT, *data_overrides(), *extra, f"run.dir={run_dir}"]
         return cls(Trainer(load_config("quickstart", overrides)), Ours("quickstart", mode))
 
     def paired_fit(self, steps: int, official: Official) -> list[dict[str, tuple[float, float]]]:
         """``fit`` for ``steps`` steps with the official and our model step after each of ours:
         one sample (side -> (wall s, CPU s)) per step of ours but the last."""
-        trainer, step, pipeline = self.trainer, self.trainer.train_step, self.trainer.inputs
+        trainer = self.trainer
         starts: list[_Clock] = []
         samples: list[dict[str, tuple[float, float]]] = []
-        inputs_s: list[tuple[float, float]] = []
+        timed = _TimedInputs(trainer.inputs)
+        inputs_s = timed.spans
 
-        def timed_inputs(images, micro):
-            begin = _Clock()
-            result = pipeline(images, micro)
-            inputs_s.append(_Clock().since(begin))
-            return result
-
-        def paired_step(micro_batches):
+        def paired_step(step, micro_batches):
             starts.append(_Clock())
             result = step(micro_batches)
             aside = _Clock()
@@ -172,14 +135,9 @@ class Loop:
             samples.append(sample)
             return result
 
-        trainer.cfg.train.stop_after = steps
-        trainer.train_step, trainer.inputs = paired_step, timed_inputs
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # its "resuming ..." lines
-                trainer.fit()
-        finally:
-            del trainer.train_step  # the method again
-            trainer.inputs = pipeline
+        quiet = contextlib.redirect_stdout(io.StringIO())  # its "resuming ..." lines
+        with trainer.using(inputs=timed), quiet:
+            trainer.fit(stop_after=steps, around_step=paired_step)
         for sample, begin, end in zip(samples, starts, starts[1:]):
             sample["loop"] = _minus(end.since(begin), sample.pop("aside"))
             sample["between"] = _minus(sample["loop"], sample["train_step"])
@@ -197,10 +155,20 @@ class Loop:
         return time.perf_counter() - start
 
 
-def median_quartiles(values: list[float]) -> dict[str, float]:
-    """Median and quartiles of paired ratios (one value: all three are it)."""
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return {"median": median, "q25": q1, "q75": q3}
+class _TimedInputs:
+    """The trainer's input pipeline, each call's (wall, CPU) seconds appended to ``spans``."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline, self.spans = pipeline, []
+
+    def __call__(self, images, micro):
+        begin = _Clock()
+        result = self.pipeline(images, micro)
+        self.spans.append(_Clock().since(begin))
+        return result
+
+    def second_view(self, images, micro):
+        return self.pipeline.second_view(images, micro)
 
 
 def summarise(samples: list[dict[str, tuple[float, float]]]) -> dict:
@@ -273,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "threads": args.threads,
         "batch": BATCH,
-        "data": "synthetic" if _data_overrides() else "fashion_mnist",
+        "data": "synthetic" if data_overrides() else "fashion_mnist",
         "load_average_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
         "variants": {name: summarise(per) for name, per in samples.items()},
     }

@@ -4,9 +4,10 @@ Usage::
 
     python benchmarks/step_parts.py [--threads 2] [--repeats 5] [key=value ...]
 
-Builds the trainer of the quickstart preset on the race's ViT (``race_loop.RACE_VIT``: 28 px,
-patch 4, width 192, depth 6; predictor 96 x 4; batch 128; ``key=value`` overrides after it,
-e.g. ``model.predictor_mode=shared`` or ``train.precision=bf16``) and times, interleaved per
+Builds the trainer of the quickstart preset on the race's ViT
+(``hjepa.experiments.race.RACE_VIT``: 28 px, patch 4, width 192, depth 6; predictor 96 x 4;
+batch 128; ``key=value`` overrides after it, e.g. ``model.predictor_mode=shared`` or
+``train.precision=bf16``) and times, interleaved per
 repeat on one batch and its masks: the target encoder's forward pass, the context encoder's
 forward + backward, the predictor's forward + backward (level 0's blocks), the whole model and
 loss forward + backward, a whole ``Trainer.train_step``, and the roofline probe: the encoder
@@ -27,13 +28,11 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from race_loop import RACE_VIT, _data_overrides, median_quartiles  # noqa: E402
+from hjepa.experiments.race import RACE_VIT, data_overrides, median_quartiles
 
 SGEMM = (128 * 49, 192, 768)
 SGEMM_CALLS = 16
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from hjepa.models.vit import attention_backend
     from hjepa.train.trainer import Trainer
 
-    overrides = [*RACE_VIT, *_data_overrides(), *args.overrides, "run.dir=/tmp/hjepa_parts_unused"]
+    overrides = [*RACE_VIT, *data_overrides(), *args.overrides, "run.dir=/tmp/hjepa_parts_unused"]
     trainer = Trainer(load_config("quickstart", overrides))
     timed = parts(trainer)
     if args.attention:

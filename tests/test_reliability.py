@@ -21,6 +21,7 @@ from hjepa import checkpoint as ckpt
 from hjepa.cli import main
 from hjepa.config import dump_yaml, load_config
 from hjepa.export import ExportError, export_run, load_exported_encoder
+from hjepa.losses.sigreg import SIGReg
 from hjepa.models.hjepa import build_encoder
 from hjepa.train.logging import read_metrics
 from hjepa.train.trainer import NonFiniteLossError, Trainer
@@ -379,9 +380,9 @@ def test_cli_reports_a_nan_stop_in_one_line(tmp_path, monkeypatch, capsys):
     assert not (run / "checkpoints").exists()
 
 
-def test_inf_regularizer_is_named(tiny_config):
+def test_inf_regularizer_is_named(tiny_config, monkeypatch):
+    monkeypatch.setattr(SIGReg, "forward", lambda *a, **k: torch.tensor(float("inf")))
     trainer = Trainer(tiny_config("train.max_steps=3", "loss.regularizer=sigreg"))
-    trainer.sigreg.forward = lambda *a, **k: torch.tensor(float("inf"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(sigreg=inf\) at step 1"):
         trainer.fit()
 

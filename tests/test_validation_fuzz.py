@@ -119,9 +119,9 @@ class _RGBDataset(torch.utils.data.Dataset):
 def test_dataset_images_the_model_cannot_take_are_refused_at_start(
     tiny_config, monkeypatch, dtype, expected
 ):
-    import hjepa.train.trainer as trainer_module
+    import hjepa.train.parts as parts_module  # where the trainer's data is built
 
-    monkeypatch.setattr(trainer_module, "dataset_from_config", lambda *a, **k: _RGBDataset(dtype))
+    monkeypatch.setattr(parts_module, "dataset_from_config", lambda *a, **k: _RGBDataset(dtype))
     with pytest.raises(ValueError, match=expected):
         Trainer(tiny_config())
 

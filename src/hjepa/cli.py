@@ -165,11 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hjepa {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    presets = ", ".join(preset_names())
-    checkpoint_help = "checkpoint file to read (default RUN_DIR/checkpoints/last.pt)"
+    for add in (
+        _add_train,
+        _add_config,
+        _add_eval,
+        _add_ablate,
+        _add_viz,
+        _add_data,
+        _add_export,
+        _add_extract,
+        _add_bench,
+    ):
+        add(sub)
+    return parser
 
+
+CHECKPOINT_HELP = "checkpoint file to read (default RUN_DIR/checkpoints/last.pt)"
+
+
+def _config_help() -> str:
+    return f"preset ({', '.join(preset_names())}) or YAML path"
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="pretrain (resumes when run.dir has a checkpoint)")
-    p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument("--config", default="quickstart", help=_config_help())
     p.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -184,13 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+
+def _add_config(sub) -> None:
     p = sub.add_parser("config", help="the config keys (--list) or a resolved config as YAML")
     p.add_argument("--list", action="store_true", help="every key: type, default, bounds, help")
     p.add_argument("--markdown", action="store_true", help="the key table as docs/config.md")
-    p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument("--config", default="quickstart", help=_config_help())
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
     p.set_defaults(func=_config)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="kNN + linear probes of a run, beside pixels and random init")
     p.add_argument("run_dir")
     p.add_argument("--no-baselines", action="store_true", help="skip pixels and random init")
@@ -203,14 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="also probe on 'digits' or 'image_folder:PATH' (repeatable)",
     )
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=CHECKPOINT_HELP)
     p.add_argument("overrides", nargs="*", help="eval.key=value, e.g. eval.robustness_limit=500")
     p.set_defaults(func=_eval)
 
+
+def _add_ablate(sub) -> None:
     p = sub.add_parser(
         "ablate", help="train + evaluate variants over seeds (resumable); ablation.md/png, report"
     )
-    p.add_argument("--config", default="quickstart", help=f"preset ({presets}) or YAML path")
+    p.add_argument("--config", default="quickstart", help=_config_help())
     p.add_argument(
         "--grid",
         action="append",
@@ -226,15 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")
     p.set_defaults(func=_ablate)
 
+
+def _add_viz(sub) -> None:
     p = sub.add_parser("viz", help="PNGs of masks, attention, feature PCA and training curves")
     p.add_argument("run_dir")
     p.add_argument("--images", type=int, default=4, help="test images shown")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask samples")
     p.add_argument("--query", type=int, default=None, help="query token (default: centre)")
     p.add_argument("--only", nargs="+", choices=("masks", "attention", "pca", "curves"))
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=CHECKPOINT_HELP)
     p.set_defaults(func=_viz)
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="check that a dataset can be read and count it")
     p.add_argument("name")
     p.add_argument("--root", default=None)
@@ -247,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_data)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run's target encoder as safetensors + JSON card")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="FILE.safetensors (default RUN_DIR/encoder...)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=CHECKPOINT_HELP)
     p.add_argument(
         "--format",
         choices=("hjepa", "timm"),
@@ -259,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_export)
 
+
+def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract", help="write the features hjepa eval probes (+ labels) of a split as .npz"
     )
@@ -270,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="concat",
         help="level0, level1, ... or concat (default; level0 with one level)",
     )
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help=checkpoint_help)
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help=CHECKPOINT_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides",
@@ -279,13 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_extract)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="training throughput vs the encoder's forward+backward")
     p.add_argument("--config", default="quickstart")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -259,7 +259,16 @@ def export_timm(
         "pretrained_cfg_overlay": pretrained_cfg(encoder, weights),
         **kwargs,
     }
-    card = {
+    card = _card(encoder, weights, data, step, create_model)
+    card_file = weights.with_suffix(".json")
+    text = json.dumps(card, indent=2).encode()
+    ckpt.atomic_write(card_file, lambda f: f.write(text), what="timm export card")
+    return weights, card_file, load_line(create_model)
+
+
+def _card(encoder, weights: Path, data: bytes, step: int, create_model: dict) -> dict:
+    """The JSON card beside the weights: how timm loads them and what its outputs mean."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "weights": weights.name,
@@ -282,10 +291,6 @@ def export_timm(
             "image_size": encoder.image_size,
         },
     }
-    card_file = weights.with_suffix(".json")
-    text = json.dumps(card, indent=2).encode()
-    ckpt.atomic_write(card_file, lambda f: f.write(text), what="timm export card")
-    return weights, card_file, load_line(create_model)
 
 
 __all__ = ["NotExportable", "check_exportable", "export_timm", "timm_arguments", "timm_state_dict"]

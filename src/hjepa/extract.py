@@ -64,6 +64,24 @@ def extract_features(
             f"the {cfg.data.name} {split} images have {channels} channel(s), the encoder takes "
             f"{encoder.channels}: set data.channels={encoder.channels} or use another dataset"
         )
+    arrays = _features(encoder, dataset, cfg, split, level, device, progress)
+    skipped = _name_files(dataset, arrays)
+    ckpt.atomic_write(out, lambda f: np.savez(f, **arrays), "features")
+    feats = arrays["features"]
+    return {
+        "out": str(out),
+        "checkpoint": str(source),
+        "step": encoder.step,
+        "split": split,
+        "level": level,
+        "images": int(feats.shape[0]),
+        "dim": int(feats.shape[1]),
+        "skipped": skipped,
+    }
+
+
+def _features(encoder, dataset, cfg, split: str, level: str, device, progress: bool) -> dict:
+    """``features``, ``labels`` and the dataset ``index`` of every row, batch by batch."""
     batch_size = cfg.eval.batch_size
     batches = _indexed_batches(dataset, batch_size, cfg.train.num_workers)
     from tqdm import tqdm
@@ -82,29 +100,23 @@ def extract_features(
             features.append(encoder.features(images.to(device), level).cpu())
             labels.append(y)
             rows.append(index)
-    arrays = {
+    return {
         "features": torch.cat(features).numpy().astype(np.float32, copy=False),
         "labels": torch.cat(labels).numpy().astype(np.int64, copy=False),
         "index": torch.cat(rows).numpy().astype(np.int64, copy=False),
     }
-    skipped: list[str] = []
-    if hasattr(dataset, "path"):  # files: name the file of every row, and those left out
-        kept = set(arrays["index"].tolist())
-        skipped = [dataset.path(i) for i in range(len(dataset)) if i not in kept]
-        arrays["paths"] = np.array([dataset.path(i) for i in arrays["index"]], dtype=str)
-        arrays["skipped_paths"] = np.array(skipped, dtype=str)
-    ckpt.atomic_write(out, lambda f: np.savez(f, **arrays), "features")
-    feats = arrays["features"]
-    return {
-        "out": str(out),
-        "checkpoint": str(source),
-        "step": encoder.step,
-        "split": split,
-        "level": level,
-        "images": int(feats.shape[0]),
-        "dim": int(feats.shape[1]),
-        "skipped": skipped,
-    }
+
+
+def _name_files(dataset, arrays: dict) -> list[str]:
+    """A dataset of files: add the file of every row (``paths``) and those left out
+    (``skipped_paths``, unreadable) to ``arrays``; returns the latter."""
+    if not hasattr(dataset, "path"):
+        return []
+    kept = set(arrays["index"].tolist())
+    skipped = [dataset.path(i) for i in range(len(dataset)) if i not in kept]
+    arrays["paths"] = np.array([dataset.path(i) for i in arrays["index"]], dtype=str)
+    arrays["skipped_paths"] = np.array(skipped, dtype=str)
+    return skipped
 
 
 class _WithIndex(Dataset):

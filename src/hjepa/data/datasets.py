@@ -81,18 +81,16 @@ def build_dataset(
                 "data.name=image_folder needs data.root: a folder with train/<class>/*.jpg "
                 "and val/<class>/*.jpg (ImageNet layout)"
             )
-        return ImageFolder(
-            root,
-            split,
-            image_size=image_size,
-            channels=channels,
-            class_subset=class_subset,
-            val_fraction=val_fraction,
-        )
-    channels = channels or 1
+        folder = {"class_subset": class_subset, "val_fraction": val_fraction}
+        return ImageFolder(root, split, image_size=image_size, channels=channels, **folder)
+    return _synthetic(split, image_size, channels or 1, synthetic_size, seed)
+
+
+def _synthetic(split: str, image_size: int, channels: int, size: int, seed: int) -> Dataset:
+    """``synthetic``: ``size`` training images, a quarter of them (at least one per class) for
+    the test split, drawn from distinct seeds so test images are not copies of training ones."""
     num_classes = 10
-    n = synthetic_size if split == "train" else max(synthetic_size // 4, num_classes)
-    # Distinct seeds so the test images are not copies of training images.
+    n = size if split == "train" else max(size // 4, num_classes)
     split_seed = 2 * seed + (0 if split == "train" else 1)
     return make_synthetic(n, image_size, channels, num_classes=num_classes, seed=split_seed)
 

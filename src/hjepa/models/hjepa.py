@@ -210,6 +210,16 @@ class HJEPA(nn.Module):
         }
         return {name: module for name, module in parts.items() if module is not None}
 
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Every module whose weights a checkpoint holds, by checkpoint key."""
+        return {
+            "context_encoder": self.context_encoder,
+            "target_encoder": self.target_encoder,
+            "predictor": self.predictor,
+            "heads": self.heads,
+            **self.optional_modules(),
+        }
+
     def trainable_modules(self) -> list[nn.Module]:
         return [self.context_encoder, self.predictor, self.heads, *self.optional_modules().values()]
 
@@ -264,36 +274,7 @@ class HJEPA(nn.Module):
         idx = masks if isinstance(masks, MaskIndices) else MaskIndices.from_masks(masks)
         targets_full = self.target_levels(images)
         context = self.context_encoder(images, keep=idx.context)
-        predictions, targets = [], []
-        passes: dict[int, Tensor] = {}
-        fused: dict[int, list[Tensor]] = {}  # FPN outputs per predictor pass
-        for lvl in range(self.levels):
-            index = idx.blocks[lvl]
-            # Constant mode shares the level-0 footprint: one predictor pass serves every level.
-            if id(index) not in passes:
-                passes[id(index)] = self.predictor(context, idx.context, index)
-            raw = passes[id(index)]
-            b, m = index.shape[:2]
-            cells = idx.cells[lvl]  # [B, M, K_l]
-            if self.fpn is not None:  # dense per-block grids, fused top-down, then gathered
-                if id(index) not in fused:
-                    pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels)
-                    fused[id(index)] = self.fpn(pyramid, self.grid_size)
-                grid = fused[id(index)][lvl]
-                pred = torch.gather(grid, 2, cells.unsqueeze(-1).expand(-1, -1, -1, grid.shape[-1]))
-            elif lvl == 0:
-                pred = raw
-            else:
-                pooled = masked_cell_mean(raw, index, self.grid_size, lvl)
-                pred = torch.gather(
-                    pooled, 2, cells.unsqueeze(-1).expand(-1, -1, -1, pooled.shape[-1])
-                )
-            pred = self.heads[lvl](pred)
-            target = gather_tokens(targets_full[lvl], cells.reshape(b, -1)).reshape(pred.shape)
-            if self.normalize_targets:
-                pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
-            predictions.append(pred)
-            targets.append(target)
+        predictions, targets = self._predict_levels(context, idx, targets_full)
         pooled = targets_full[0].mean(dim=1)
         view_loss = pooled_local = None
         if views is not None:
@@ -301,13 +282,7 @@ class HJEPA(nn.Module):
             view_loss = self.view_prediction_loss(views, pooled, pooled_local)
         pooled_views = projected = None
         if second is not None:
-            # The second view keeps the first view's context positions: both embeddings are
-            # means over the same grid cells of two different crops of the image.
-            second_context = self.context_encoder(second, keep=idx.context)
-            pooled_views = (context.mean(dim=1), second_context.mean(dim=1))
-            if self.contrastive_projector is not None:  # one batch through the BatchNorm
-                both = self.contrastive_projector(torch.cat(pooled_views))
-                projected = tuple(both.chunk(2))
+            pooled_views, projected = self._two_views(context, second, idx)
         return JEPAOutput(
             predictions,
             targets,
@@ -319,3 +294,54 @@ class HJEPA(nn.Module):
             projected_views=projected,
             pooled_local=pooled_local,
         )
+
+    def _predict_levels(
+        self, context: Tensor, idx: MaskIndices, targets_full: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level, the prediction of every target cell and its target ``[B, M, K_l, D]``."""
+        predictions, targets = [], []
+        passes: dict[int, Tensor] = {}
+        fused: dict[int, list[Tensor]] = {}  # FPN outputs per predictor pass
+        for lvl in range(self.levels):
+            index = idx.blocks[lvl]
+            # Constant mode shares the level-0 footprint: one predictor pass serves every level.
+            if id(index) not in passes:
+                passes[id(index)] = self.predictor(context, idx.context, index)
+            raw = passes[id(index)]
+            cells = idx.cells[lvl]  # [B, M, K_l]
+            if self.fpn is not None:  # dense per-block grids, fused top-down, then gathered
+                if id(index) not in fused:
+                    pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels)
+                    fused[id(index)] = self.fpn(pyramid, self.grid_size)
+                pred = _gather_cells(fused[id(index)][lvl], cells)
+            elif lvl == 0:
+                pred = raw
+            else:
+                pred = _gather_cells(masked_cell_mean(raw, index, self.grid_size, lvl), cells)
+            pred = self.heads[lvl](pred)
+            b = index.shape[0]
+            target = gather_tokens(targets_full[lvl], cells.reshape(b, -1)).reshape(pred.shape)
+            if self.normalize_targets:
+                pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+            predictions.append(pred)
+            targets.append(target)
+        return predictions, targets
+
+    def _two_views(
+        self, context: Tensor, second: Tensor, idx: MaskIndices
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, ...] | None]:
+        """The pooled embeddings of both views (and their contrastive projections). The second
+        view keeps the first view's context positions: both embeddings are means over the same
+        grid cells of two different crops of the image."""
+        second_context = self.context_encoder(second, keep=idx.context)
+        pooled_views = (context.mean(dim=1), second_context.mean(dim=1))
+        projected = None
+        if self.contrastive_projector is not None:  # one batch through the BatchNorm
+            both = self.contrastive_projector(torch.cat(pooled_views))
+            projected = tuple(both.chunk(2))
+        return pooled_views, projected
+
+
+def _gather_cells(grid: Tensor, cells: Tensor) -> Tensor:
+    """``grid [B, M, C, D]`` at the target cells ``cells [B, M, K]``: ``[B, M, K, D]``."""
+    return torch.gather(grid, 2, cells.unsqueeze(-1).expand(-1, -1, -1, grid.shape[-1]))

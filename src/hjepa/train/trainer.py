@@ -1,5 +1,7 @@
 """The training loop: data -> masks -> model -> loss -> AdamW step -> EMA -> logs/checkpoints.
 
+The trainer runs the parts :func:`hjepa.train.parts.build_parts` makes from the config (a tool
+passes its own: ``Trainer(cfg, parts=dataclasses.replace(build_parts(cfg), inputs=...))``).
 :meth:`Trainer.train_step` is one optimizer step in the order of the algorithm;
 :meth:`Trainer.fit` runs it and does everything around it (logging, probes, checkpoint cadence,
 the non-finite policy). Every random draw of a step comes from streams seeded by
@@ -11,39 +13,30 @@ uninterrupted run does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from hjepa import rundir, runlock
-from hjepa.config import Config, level_weights
-from hjepa.data.datasets import check_first_image, dataset_from_config, resolve_channels
-from hjepa.data.loader import EpochLoader
-from hjepa.data.normalize import channel_stats
-from hjepa.device import check_support, pick_device, pick_precision
-from hjepa.losses.combined import Objective
-from hjepa.models.hjepa import HJEPA
+from hjepa.config import Config
 from hjepa.models.vit import attention_backend
-from hjepa.train import checkpoint as run_checkpoint
-from hjepa.train import console, distributed, recipe, sizes
+from hjepa.train import console, distributed, recipe, resume
 from hjepa.train.ema import ema_before_each_step, ema_update
-from hjepa.train.inputs import InputPipeline
 from hjepa.train.interrupt import StopSignals, TrainingInterrupted
 from hjepa.train.logging import MetricsLogger
 from hjepa.train.monitor import OnlineProbe, collapse_warning
-from hjepa.train.optim import build_optimizer, set_schedule
-from hjepa.train.schedules import cosine, linear, warmup_cosine
-from hjepa.train.warm_start import WarmStart, load_init_weights
-
-GPU_DATA_BYTES = 2 << 30  # in-memory training sets up to this size are moved to the GPU
+from hjepa.train.optim import set_schedule
+from hjepa.train.parts import Parts, build_parts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,107 +52,84 @@ class StepResult:
     skip_reason: str | None  # why the update was not applied (non-finite values), or None
 
 
-class Trainer:
-    """One run. ``allow_config_change``: resume even when the config changes the recipe of the
-    run in ``run.dir`` (recorded in ``config_history.yaml``); see :mod:`hjepa.train.recipe`."""
+#: ``around_step(train_step, micro_batches) -> StepResult``: see :meth:`Trainer.fit`.
+AroundStep = Callable[..., "StepResult"]
 
-    def __init__(self, cfg: Config, allow_config_change: bool = False):
+
+def _part(name: str) -> property:
+    """A read-only view of one of the trainer's parts (they are built and replaced whole, in
+    :func:`build_parts`, never assigned on a trainer)."""
+    return property(lambda self: getattr(self.parts, name), doc=f"``parts.{name}``")
+
+
+def _data(name: str) -> property:
+    return property(lambda self: getattr(self.parts.data, name), doc=f"``parts.data.{name}``")
+
+
+class Trainer:
+    """One run of ``parts`` (by default those ``cfg`` describes). ``allow_config_change``:
+    resume even when the config changes the recipe of the run in ``run.dir`` (recorded in
+    ``config_history.yaml``); see :mod:`hjepa.train.recipe`."""
+
+    model = _part("model")
+    inputs = _part("inputs")
+    objective = _part("objective")
+    optimizer = _part("optimizer")
+    scaler = _part("scaler")
+    ddp = _part("ddp")
+    dist = _part("env")
+    device = _part("device")
+    precision = _part("precision")
+    params = _part("params")
+    warm_start = _part("warm_start")
+    train_set = _data("train_set")
+    loader = _data("loader")
+    micro_batch = _data("micro_batch")
+    channels = _data("channels")
+    mean = _data("mean")
+    std = _data("std")
+
+    def __init__(self, cfg: Config, allow_config_change: bool = False, parts: Parts | None = None):
         self.cfg = cfg
+        self.parts = build_parts(cfg) if parts is None else parts
         self.allow_config_change = allow_config_change
-        t, d = cfg.train, cfg.data
         self.run_dir = Path(cfg.run.dir)
-        self.dist, self.device = distributed.setup(pick_device(t.device))
-        self.precision = pick_precision(t.precision, self.device)
-        check_support(cfg.model.attention, self.device, self.precision)
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.train_set = _training_set(cfg, self.device)
-        self.channels = int(getattr(self.train_set, "channels", d.channels))
-        self.mean, self.std = channel_stats(d.name, self.channels)
-        ranks = self.dist.world_size
-        self.micro_batch = sizes.micro_batch_size(cfg, ranks)  # per rank
-        self.loader = EpochLoader(
-            self.train_set,
-            self.micro_batch,
-            seed=t.seed,
-            num_workers=t.num_workers,
-            rank=self.dist.rank,
-            world_size=ranks,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.micro_per_epoch = len(self.loader)
-        sizes.check_knn_bank(cfg, len(self.train_set))
-        self.total_steps = sizes.total_steps(cfg, self.micro_per_epoch)
-        self.warmup = sizes.warmup_steps(cfg, self.total_steps)
-        self.inputs = InputPipeline(
-            cfg, self.mean, self.std, self.device, self.dist, self.micro_batch * ranks
-        )
-        multicrop = self.inputs.local_crops is not None
-        torch.manual_seed(t.seed)  # model initialisation
-        loss = cfg.loss
-        self.model = HJEPA(
-            cfg.model,
-            d.image_size,
-            self.channels,
-            multicrop=multicrop,
-            contrastive=(
-                (loss.contrastive_hidden_dim, loss.contrastive_out_dim)
-                if loss.contrastive
-                else None
-            ),
-        ).to(self.device)
-        self.shared_target = self.model.shared_target  # EMA-free: no target copy, no EMA
-        self.warm_start: WarmStart | None = None  # what train.init_from copied (a new run)
-        if t.init_from and not run_checkpoint.has_checkpoint(self.run_dir):  # its own one wins
-            self.warm_start = load_init_weights(self.model, cfg, self.device)
-        if t.compile:  # in place: state dict keys stay those of the plain modules
-            for module in {self.model.context_encoder, self.model.target_encoder}:
-                module.compile(dynamic=True)  # token counts change every step
-            self.model.predictor.compile(dynamic=True)
-        # The module the forward pass goes through: DDP over the trainable parts, or the model.
-        self.ddp = distributed.wrap_trainable(
-            self.model,
-            None if self.shared_target else self.model.target_encoder,
-            self.dist,
-            self.device,
-        )
-        self.params = [p for mod in self.model.trainable_modules() for p in mod.parameters()]
-        self.optimizer = build_optimizer(self.model.trainable_modules(), cfg.optim)
-        self.max_grad_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        # Step 5 of train_step, or the ablation's EMA before each optimizer step.
-        self.ema_after_step = not self.shared_target and t.ema_timing == "after_step"
-        if not self.shared_target and t.ema_timing == "before_step":
-            ema_before_each_step(
-                self.optimizer,
-                self.model.target_encoder,
-                self.model.context_encoder,
-                lambda: self.momentum_at(self.step),  # the step about to be taken
-            )
-        self.weights = level_weights(cfg)
-        # Prediction loss + regularisers + contrast, every term logged (losses/combined.py).
-        self.objective = Objective.from_config(cfg, multicrop=multicrop)
-        self.two_views = self.objective.needs_two_views
-        if self.two_views:
-            sizes.check_two_views(self.micro_batch)
         self.step = 0
         self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite=skip)
         self.saved_step: int | None = None  # step of the newest complete checkpoint on disk
         self.run_only_changes: list[recipe.Change] = []  # accepted differences on resume
         self.recipe_changes: list[recipe.Change] = []  # allowed (allow_config_change) ones
+        if self.parts.ema_timing == "before_step":  # the ablation: EMA of the pre-step weights
+            model = self.model
+            ema_before_each_step(
+                self.optimizer,
+                model.target_encoder,
+                model.context_encoder,
+                lambda: self.momentum_at(self.step),  # the step about to be taken
+            )
+
+    @property
+    def ema_after_step(self) -> bool:
+        """Whether step 5 of :meth:`train_step` takes the EMA (not EMA-free, not the ablation)."""
+        return self.parts.ema_timing == "after_step"
+
+    @property
+    def total_steps(self) -> int:
+        return self.parts.schedules.total_steps
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return len(self.loader)
 
     # -- schedules -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        o = self.cfg.optim
-        return warmup_cosine(step, self.total_steps, self.warmup, o.start_lr, o.lr, o.final_lr)
+        return self.parts.schedules.lr_at(step)
 
     def wd_at(self, step: int) -> float:
-        o = self.cfg.optim
-        return cosine(step, self.total_steps, o.weight_decay, o.final_weight_decay)
+        return self.parts.schedules.wd_at(step)
 
     def momentum_at(self, step: int) -> float:
-        t = self.cfg.train
-        return linear(step, self.total_steps, t.ema_start, t.ema_end)
+        return self.parts.schedules.momentum_at(step)
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[tuple[int, Tensor]]) -> StepResult:
@@ -168,7 +138,9 @@ class Trainer:
         terms = []
         for i, (micro, images) in enumerate(micro_batches):
             # 1. Inputs: augmented view(s) and multi-block masks, each from its own stream.
-            second = self.inputs.second_view(images, micro) if self.two_views else None
+            second = (
+                self.inputs.second_view(images, micro) if self.objective.needs_two_views else None
+            )
             x, index, views = self.inputs(images, micro)
             accumulate = i < len(micro_batches) - 1  # DDP all-reduces after the last one only
             with self._no_sync(accumulate), attention_backend(self.cfg.model.attention):
@@ -187,7 +159,7 @@ class Trainer:
         #    finite (under fp16 the GradScaler itself skips overflowing gradients).
         set_schedule(self.optimizer, self.lr_at(self.step), self.wd_at(self.step))
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.parts.max_grad_norm)
         names = self.term_names(mean_terms.numel())
         skip = nonfinite_reason(mean_terms, grad_norm, names, not self.scaler.is_enabled())
         if skip is None:
@@ -243,10 +215,29 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return run_checkpoint.state_dict(self)
+        """The parts' own state dicts and the trainer's counters: everything a resumed run
+        needs to repeat the uninterrupted one exactly."""
+        return {
+            **self.parts.state_dict(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "nonfinite_skipped": self.skipped_steps,
+            "config": self.cfg.to_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        run_checkpoint.load_state_dict(self, state)
+        """Continue the run ``state`` holds: :class:`ConfigError` (a
+        :class:`recipe.RecipeChangeError` for a changed recipe) before any weight is touched."""
+        resume.check_modules(state, self.model.optional_modules(), self.run_dir)
+        self.run_only_changes, self.recipe_changes = recipe.check_resume(
+            state["config"], self.cfg, self.run_dir, allow=self.allow_config_change
+        )
+        stored_init = state["config"].get("train", {}).get("init_from", "")
+        if stored_init and not self.cfg.train.init_from:  # keep the record of where it started
+            self.cfg.train.init_from = stored_init
+        self.parts.load_state_dict(state)
+        self.skipped_steps = int(state.get("nonfinite_skipped", 0))
+        self.step = int(state["step"])
 
     def save(self) -> None:
         # Never replace a good checkpoint with broken weights (an update can overflow even
@@ -256,22 +247,52 @@ class Trainer:
                 f"the weights became non-finite at step {self.step}; not saving them over "
                 f"{self._last_good()}: lower optim.lr or raise the clipping (train.grad_clip)"
             )
-        run_checkpoint.write(self)
+        resume.write(self.run_dir, self.state_dict(), self.cfg.run.keep_every)
         self.saved_step = self.step
 
     def _last_good(self) -> str:
-        return run_checkpoint.last_good(self.run_dir, self.saved_step)
+        return resume.last_good(self.run_dir, self.saved_step)
+
+    def _open_run_dir(self) -> bool:
+        """Resume from the newest usable checkpoint, if any (a refused resume leaves every file
+        of the run dir as it was); rank 0 then records the (re)start. Whether it resumed."""
+        restore = lambda path: resume.read(path, self.device, self.load_state_dict)
+        restored = resume.open_run_dir(self.run_dir, self.dist, self.train_set, restore)
+        if restored is not None:
+            self.saved_step = self.step
+        if self.dist.is_main:
+            resume.record_start(
+                self.run_dir, self.cfg, self.train_set, self.step, restored, self.recipe_changes
+            )
+            distributed.barrier(self.dist)  # the other ranks resume after rank 0
+        return restored is not None
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self) -> dict:
-        """Train until ``total_steps`` (or ``stop_after`` more steps); returns the last metrics.
+    def fit(self, stop_after: int | None = None, around_step: AroundStep | None = None) -> dict:
+        """Train until ``total_steps``, or ``stop_after`` more steps (default
+        ``train.stop_after``; 0: to the end); returns the last metrics. ``around_step(step,
+        micro_batches)``, when given, takes each step in place of ``step(micro_batches)``
+        (:meth:`train_step`): a tool's hook to time or pair it.
 
         SIGINT/SIGTERM end the run after the current optimizer step, with a checkpoint:
         :class:`TrainingInterrupted` (see :mod:`hjepa.train.interrupt`). The run dir is this
         process's while it trains (:mod:`hjepa.runlock`): another trainer on it is refused.
         """
+        stop_after = self.cfg.train.stop_after if stop_after is None else stop_after
+        step = self.train_step if around_step is None else partial(around_step, self.train_step)
         with StopSignals() as stop, self._own_run_dir():
-            return self._fit(stop)
+            return self._fit(stop, stop_after, step)
+
+    @contextlib.contextmanager
+    def using(self, **parts: Any) -> Iterator[None]:
+        """Run with some parts replaced, restored after: ``with trainer.using(inputs=timed):``
+        (a tool's hook to time or stub a part of a built trainer)."""
+        kept = self.parts
+        self.parts = dataclasses.replace(kept, **parts)
+        try:
+            yield
+        finally:
+            self.parts = kept
 
     @contextlib.contextmanager
     def _own_run_dir(self) -> Iterator[None]:
@@ -295,49 +316,24 @@ class Trainer:
         progress.close()
         logger.close()
         distributed.barrier(self.dist)
-        last = run_checkpoint.last_path(self.run_dir) if self.saved_step is not None else None
+        last = resume.last_path(self.run_dir) if self.saved_step is not None else None
         return TrainingInterrupted(signum, self.step, self.total_steps, last, self.dist.is_main)
 
-    def _fit(self, stop: StopSignals) -> dict:
-        t, run = self.cfg.train, self.cfg.run
-        resumed = run_checkpoint.prepare_run_dir(self)
-        main = self.dist.is_main  # rank 0 alone logs, probes and writes checkpoints
-        if main:  # every invocation, resumes included, next to config.yaml
-            rundir.record_invocation(
-                self.run_dir, self.device, step=self.step, world_size=self.dist.world_size
-            )
-        logger = (
-            MetricsLogger(self.run_dir, tensorboard=run.tensorboard, start_step=self.step)
-            if main
-            else distributed.NullLogger()
-        )
-        probe = OnlineProbe(self.cfg, self.channels, self.mean, self.std, self.device)
-        end = self.total_steps
-        if t.stop_after:
-            end = min(end, self.step + t.stop_after)
-        if main and self.step < end and (t.knn_every or end == self.total_steps):
-            probe.datasets()  # a missing or damaged test split fails now, not after training
-        if resumed and main:
-            also = self.run_only_changes + self.recipe_changes
-            shown = f" ({', '.join(map(str, also))})" if also else ""
-            print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps}{shown}")
-        if self.recipe_changes:
-            changes = {c.key: [c.old, c.new] for c in self.recipe_changes}
-            logger.log(self.step, "config_change", {"changes": changes, "file": recipe.HISTORY})
-        if self.warm_start is not None and main:
-            print(self.warm_start.describe())
-            logger.log(self.step, "init_from", self.warm_start.record())
+    def _fit(self, stop: StopSignals, stop_after: int, step: AroundStep) -> dict:
+        t = self.cfg.train
+        logger, probe, end = self._start(stop_after)
         last: dict = {}
         if self.step >= end:
             return last
-        progress = console.progress_bar(run.progress and main, self.step, self.total_steps)
+        main = self.dist.is_main
+        progress = console.progress_bar(self.cfg.run.progress and main, self.step, self.total_steps)
         signum = stop.agreed(self.dist, self.device)
         if signum:  # a signal during setup: nothing new to save
             raise self._interrupted(signum, progress, logger)
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
         for micro_batches in self.step_batches():
-            result = self.train_step(micro_batches)
+            result = step(micro_batches)
             window_images += sum(len(images) for _, images in micro_batches) * self.dist.world_size
             if result.skip_reason is not None:
                 self._nonfinite_policy(result.skip_reason, logger)
@@ -352,21 +348,8 @@ class Trainer:
                 )
                 window_images, window_start = 0, time.perf_counter()
             progress.update(1)
-            finished = self.step == end
-            probe_now = self.step == self.total_steps or (
-                t.knn_every and self.step % t.knn_every == 0
-            )
-            if probe_now and main:
-                probed = probe(self.model.target_encoder)
-                logger.log(self.step, "probe", probed)
-                console.say(console.probe_line(self.step, probed))
-                warning = collapse_warning(self.step, probed)
-                if warning:
-                    console.say(warning, file=sys.stderr)
-                self.model.train()
-            if main and (finished or self.step % run.checkpoint_every == 0):
-                self.save()
-            if finished:
+            self._probe_and_save(probe, logger, finished=self.step == end)
+            if self.step == end:
                 break
             signum = stop.agreed(self.dist, self.device)  # every rank: the same answer
             if signum:
@@ -374,6 +357,55 @@ class Trainer:
         progress.close()
         logger.close()
         return last
+
+    def _start(
+        self, stop_after: int
+    ) -> tuple[MetricsLogger | distributed.NullLogger, OnlineProbe, int]:
+        """Open the run dir (resuming), its logger and online probe, and say where the run
+        stands. Returns them and the step this invocation ends at."""
+        t, main = self.cfg.train, self.dist.is_main  # rank 0 alone logs, probes and writes
+        resumed = self._open_run_dir()
+        if main:  # every invocation, resumes included, next to config.yaml
+            rundir.record_invocation(
+                self.run_dir, self.device, step=self.step, world_size=self.dist.world_size
+            )
+        logger = (
+            MetricsLogger(self.run_dir, tensorboard=self.cfg.run.tensorboard, start_step=self.step)
+            if main
+            else distributed.NullLogger()
+        )
+        probe = OnlineProbe(self.cfg, self.channels, self.mean, self.std, self.device)
+        end = min(self.total_steps, self.step + stop_after) if stop_after else self.total_steps
+        if main and self.step < end and (t.knn_every or end == self.total_steps):
+            probe.datasets()  # a missing or damaged test split fails now, not after training
+        if resumed and main:
+            also = self.run_only_changes + self.recipe_changes
+            shown = f" ({', '.join(map(str, also))})" if also else ""
+            print(f"resuming {self.run_dir} from step {self.step}/{self.total_steps}{shown}")
+        if self.recipe_changes:
+            changes = {c.key: [c.old, c.new] for c in self.recipe_changes}
+            logger.log(self.step, "config_change", {"changes": changes, "file": recipe.HISTORY})
+        if self.warm_start is not None and main:
+            print(self.warm_start.describe())
+            logger.log(self.step, "init_from", self.warm_start.record())
+        return logger, probe, end
+
+    def _probe_and_save(self, probe: OnlineProbe, logger, finished: bool) -> None:
+        """The online kNN probe on its cadence (and at the end of the schedule), then the
+        checkpoint on its cadence (and when this invocation ends); rank 0 only."""
+        if not self.dist.is_main:
+            return
+        every = self.cfg.train.knn_every
+        if self.step == self.total_steps or (every and self.step % every == 0):
+            probed = probe(self.model.target_encoder)
+            logger.log(self.step, "probe", probed)
+            console.say(console.probe_line(self.step, probed))
+            warning = collapse_warning(self.step, probed)
+            if warning:
+                console.say(warning, file=sys.stderr)
+            self.model.train()
+        if finished or self.step % self.cfg.run.checkpoint_every == 0:
+            self.save()
 
     def _nonfinite_policy(self, reason: str, logger) -> None:
         """``train.nonfinite``: ``stop`` raises; ``skip`` reports the skipped step and goes on."""
@@ -394,13 +426,13 @@ class Trainer:
         values = result.terms.tolist()
         named = dict(zip(self.term_names(len(values)), values))
         # The prediction part of the loss, sum_l w_l * loss_level_l.
-        pred = sum(w * named[f"loss_level{i}"] for i, w in enumerate(self.weights))
+        pred = sum(w * named[f"loss_level{i}"] for i, w in enumerate(self.objective.level_weights))
         record = {
             **named,  # loss, loss_level*, then sigreg, vicreg_*, contrastive, multicrop
             "loss_pred": pred,
             "lr": self.lr_at(step),
             "weight_decay": self.wd_at(step),
-            **({} if self.shared_target else {"ema_momentum": self.momentum_at(step)}),
+            **({} if self.model.shared_target else {"ema_momentum": self.momentum_at(step)}),
             "grad_norm": float(result.grad_norm),
             "images_per_s": images_per_s,
             "epoch": (self.step * t.accum_steps) / self.micro_per_epoch,
@@ -438,18 +470,6 @@ def nonfinite_reason(
     )
 
 
-def _training_set(cfg: Config, device: torch.device) -> Dataset:
-    """The training split, its first image checked against the model's input; small in-memory
-    sets live on the GPU, so batches are gathered there with no host copies."""
-    train_set = dataset_from_config(cfg, "train")
-    channels = resolve_channels(cfg, train_set)  # data.channels=0 takes the data's
-    check_first_image(train_set, cfg.data.name, channels)
-    images = getattr(train_set, "images", None)
-    if device.type == "cuda" and images is not None and images.nbytes <= GPU_DATA_BYTES:
-        train_set.images = images.to(device)
-    return train_set
-
-
 def train(cfg: Config, allow_config_change: bool = False) -> Trainer:
     """Train ``cfg`` (resuming its run dir); :class:`TrainingInterrupted` on SIGINT/SIGTERM."""
     trainer = Trainer(cfg, allow_config_change=allow_config_change)
@@ -461,7 +481,7 @@ def train(cfg: Config, allow_config_change: bool = False) -> Trainer:
         # Drop DDP before the process group goes: its reducer holds the group, and a Gloo group
         # destroyed later, when the trainer is collected, can wait forever on a peer that has
         # already exited (seen once as a hung rank in the 2-process test).
-        trainer.ddp = trainer.model
+        trainer.parts.drop_ddp()
         gc.collect()
         distributed.cleanup(trainer.dist)  # leaves the process group torchrun's job set up
     return trainer
