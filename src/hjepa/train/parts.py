@@ -136,7 +136,7 @@ def build_parts(cfg: Config) -> Parts:
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         schedules=schedules,
         max_grad_norm=t.grad_clip if t.grad_clip > 0 else math.inf,
-        ema_timing=_ema_timing(cfg, model),
+        ema_timing="none" if model.shared_target else t.ema_timing,  # EMA-free: no EMA
         warm_start=warm_start,
     )
 
@@ -184,12 +184,6 @@ def build_model(
             module.compile(dynamic=True)  # token counts change every step
         model.predictor.compile(dynamic=True)
     return model, warm_start
-
-
-def _ema_timing(cfg: Config, model: HJEPA) -> str:
-    """When the trainer takes the EMA: ``after_step`` (the algorithm), ``before_step`` (the
-    ablation: an optimizer pre-step hook) or ``none`` (the EMA-free mode has no EMA copy)."""
-    return "none" if model.shared_target else cfg.train.ema_timing
 
 
 def _training_set(cfg: Config, device: torch.device) -> Dataset:
