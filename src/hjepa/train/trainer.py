@@ -121,6 +121,11 @@ class Trainer:
     def micro_per_epoch(self) -> int:
         return len(self.loader)
 
+    @property
+    def weights(self) -> list[float]:
+        """:math:`w_l`, the objective's weight of each level's prediction loss."""
+        return self.objective.level_weights
+
     # -- schedules -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         return self.parts.schedules.lr_at(step)
