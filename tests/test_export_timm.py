@@ -2,7 +2,7 @@
 
 Each architecture is a small random hjepa ViT whose every tensor is perturbed (so a swapped or
 dropped tensor changes the output), saved as a run's checkpoint, exported by the CLI and
-loaded the way the README says: ``timm.create_model(**card["create_model"])``.
+loaded the way docs/api.md says: ``timm.create_model(**card["create_model"])``.
 """
 
 from __future__ import annotations
