@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ijepa", type=Path, required=True, help="checkout of the official code")
     parser.add_argument("--out", type=Path, required=True, help="folder for timing.json")
     parser.add_argument("--threads", type=int, default=2, help="threads of the official step")
+    parser.add_argument("--keep-run", type=Path, help="also copy the whole run directory here")
     args = parser.parse_args(argv)
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md"):
             shutil.copy(clone / "runs" / "quickstart" / name, args.out / name)
+        if args.keep_run:
+            shutil.copytree(clone / "runs" / "quickstart", args.keep_run)
     budget = BUDGET_S * BUDGET_IMG_S / img_s
     record = {
         "commit": commit,
