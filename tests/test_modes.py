@@ -7,6 +7,7 @@ added to a mode is tested without anyone writing its case.
 import pytest
 
 from hjepa.config import SCHEMA, ConfigError, Key, load_config
+from hjepa.train.sizes import warmup_steps
 
 GATED = [key for key in SCHEMA.values() if key.when is not None]
 
@@ -114,3 +115,10 @@ def test_a_packaged_presets_value_does_not_block_switching_its_mode_off():
 def test_the_zero_prediction_ablation_with_a_regularizer_still_loads():
     cfg = _load("loss.regularizer=sigreg", "loss.level_weights=[0, 0, 0]")
     assert cfg.loss.level_weights == [0.0, 0.0, 0.0]
+
+
+def test_a_warmup_longer_than_an_epoch_counted_run_is_refused_against_its_length():
+    cfg = _load("train.epochs=1", "optim.warmup_steps=50")  # the length needs the data
+    assert warmup_steps(cfg, total=50) == 50
+    with pytest.raises(ConfigError, match=r"warmup_steps=50 is longer than the run \(49 steps\)"):
+        warmup_steps(cfg, total=49)

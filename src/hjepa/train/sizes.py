@@ -41,8 +41,15 @@ def total_steps(cfg: Config, micro_per_epoch: int) -> int:
 
 
 def warmup_steps(cfg: Config, total: int) -> int:
-    """Learning-rate warm-up: ``optim.warmup_steps``, else that fraction of the run."""
+    """Learning-rate warm-up: ``optim.warmup_steps``, else that fraction of the run. A warmup
+    longer than the run would never reach ``optim.lr`` (the config refuses it when
+    ``train.max_steps`` sets the length; an epoch count is checked here, against the data)."""
     o = cfg.optim
+    if o.warmup_steps > total:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} is longer than the run ({total} steps): the "
+            "rate would never reach optim.lr; shorten the warmup"
+        )
     return o.warmup_steps or round(o.warmup_fraction * total)
 
 
