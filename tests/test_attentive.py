@@ -9,7 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hjepa.config import EvalConfig
 from hjepa.eval.attentive import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LRS,
+    DEFAULT_WEIGHT_DECAYS,
     AttentivePooler,
     TokenScaler,
     attentive_probe,
@@ -158,3 +162,10 @@ def test_bad_input_is_refused():
         attentive_probe(x, y, x, y + 4, 4)
     with pytest.raises(ValueError, match="epochs"):
         attentive_probe(x, y, x, y, 4, epochs=0)
+
+
+def test_the_config_defaults_are_the_probes_defaults():
+    e = EvalConfig()
+    assert e.attentive_epochs == DEFAULT_EPOCHS
+    assert tuple(e.attentive_lrs) == DEFAULT_LRS
+    assert tuple(e.attentive_weight_decays) == DEFAULT_WEIGHT_DECAYS

@@ -48,6 +48,7 @@ def test_cached_baselines_equal_fresh_ones_to_the_last_digit(tiny_run, tmp_path)
     assert first["baseline_cache"]["hit"] is False and second["baseline_cache"]["hit"] is True
     assert first["baseline_cache"]["key"] == second["baseline_cache"]["key"]
     assert numbers(off) == numbers(first) == numbers(second)
+    assert set(second["attentive"]) == {"trained", "random_init", "pixels"}  # cached ones too
     assert "random_init" in first["seconds"] and "random_init" not in second["seconds"]
     assert "pixels" not in second["seconds"]  # neither baseline was recomputed
     recorded = json.loads((tiny_run / "eval.json").read_text())["baseline_cache"]
@@ -61,8 +62,16 @@ def test_the_cache_is_read_and_keyed_by_what_changes_the_numbers(tiny_run, tmp_p
     entry = tmp_path / "eval-baselines" / first["baseline_cache"]["key"] / "baselines.json"
     stored = json.loads(entry.read_text())
     stored["results"]["pixels"]["pixels"]["knn"] = 0.123  # a marker only the cache can supply
+    stored["results"]["attentive"]["pixels"]["pixels"]["accuracy"] = 0.456
+    stored["results"]["attentive"]["random_init"]["concat"]["accuracy"] = 0.789
     entry.write_text(json.dumps(stored))
-    assert evaluate_run(tiny_run, overrides=where)["pixels"]["pixels"]["knn"] == 0.123
+    read = evaluate_run(tiny_run, overrides=where)
+    assert read["pixels"]["pixels"]["knn"] == 0.123
+    assert read["attentive"]["pixels"]["pixels"]["accuracy"] == 0.456
+    assert read["attentive"]["random_init"]["concat"]["accuracy"] == 0.789
+    # The attentive probe's settings are part of the key (its baselines depend on them).
+    other = evaluate_run(tiny_run, overrides=[*where, "eval.attentive_epochs=1"])
+    assert other["baseline_cache"]["hit"] is False
     # A protocol key the baselines depend on: a different entry, computed afresh.
     other = evaluate_run(tiny_run, overrides=[*where, "eval.knn_k=3"])
     assert other["baseline_cache"]["key"] != first["baseline_cache"]["key"]

@@ -12,14 +12,18 @@ from PIL import Image
 from hjepa.checkpoint import load_checkpoint
 from hjepa.cli import main
 from hjepa.config import ConfigError, load_config
+from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.tensors import ImageTensors
-from hjepa.eval.features import encoder_features
+from hjepa.eval.attentive import fit_attentive_probe
+from hjepa.eval.features import encoder_features, pixel_features, pixel_tokens
 from hjepa.eval.linear import fit_linear_classifier, linear_probe
 from hjepa.eval.robust_eval import accuracy_table, corrupt_dataset, materialize
 from hjepa.eval.robustness import CORRUPTIONS
-from hjepa.eval.runner import evaluate_run, load_run_config, probe
+from hjepa.eval.runner import evaluate_run, format_table, load_run_config, probe
 from hjepa.eval.transfer import digits_split, match_channels
+from hjepa.experiments.report import eval_markdown
+from hjepa.models.hjepa import build_encoder
 from hjepa.train.trainer import Trainer, train
 from tests.conftest import TINY
 
@@ -207,3 +211,49 @@ def test_cli_eval_transfer_to_an_image_folder_writes_report(tiny_run, tmp_path, 
     assert "## Transfer" in report and "| image_folder:folder | trained | concat |" in report
     assert "![Training curves](viz/curves.png)" in report
     assert (tiny_run / "viz" / "curves.png").stat().st_size > 0
+
+
+def test_attentive_section_probes_the_three_encoders_through_one_probe(tiny_run):
+    overrides = [*CHEAP, "eval.baselines=true", "eval.cache=false", "eval.attentive_epochs=2"]
+    results = evaluate_run(tiny_run, overrides=overrides)
+    att = results["attentive"]
+    assert set(att) == {"trained", "random_init", "pixels"}
+    levels = {"level0", "level1", "level2", "concat"}
+    assert set(att["trained"]) == set(att["random_init"]) == levels
+    assert set(att["pixels"]) == {"pixels"}
+    assert "attentive trained concat" in format_table(results)
+    row = f"| concat | {att['trained']['concat']['accuracy']:.4f} | "
+    assert row + f"{att['random_init']['concat']['accuracy']:.4f} |" in eval_markdown(results, {})
+    # Each entry is the probe of those very tokens: the checkpoint's (and the initial) level
+    # tokens, concat being all levels with one pooler each, and the pixel patches with their
+    # positions. The validation loss of the chosen probe differs with any bit of its tokens.
+    cfg = load_run_config(tiny_run)
+    torch.manual_seed(cfg.train.seed)
+    encoder = build_encoder(cfg.model, 32, 1)
+    initial = {k: v.clone() for k, v in encoder.state_dict().items()}
+    mean, std = channel_stats(cfg.data.name, cfg.data.channels)
+    splits = [dataset_from_config(cfg, split) for split in ("train", "test")]
+    probe_kw = dict(seed=0, epochs=2, width=32, num_heads=2)
+    probe_kw["num_classes"] = splits[0].num_classes
+
+    def probe_of(state, group, name, sets):
+        encoder.load_state_dict(state)
+        kw = dict(levels=3, image_size=32, batch_size=64, mean=mean, std=std)
+        tokens = ({}, {})
+        labels = [
+            encoder_features(encoder, s, **kw, level_tokens=t)[1] for s, t in zip(splits, tokens)
+        ]
+        chosen = [[t[f"level{lvl}"] for lvl in sets] for t in tokens]
+        expected = fit_attentive_probe(chosen[0], labels[0], chosen[1], labels[1], **probe_kw)
+        assert att[group][name] == expected.as_dict(), (group, name)
+        return labels
+
+    trained = load_checkpoint(tiny_run / "checkpoints/last.pt")["target_encoder"]
+    labels = probe_of(trained, "trained", "concat", range(3))
+    probe_of(initial, "random_init", "level0", [0])
+    pixels = [pixel_features(s, mean=mean, std=std, image_size=32)[0] for s in splits]
+    patches = [pixel_tokens(p, 1, 4) for p in pixels]
+    expected = fit_attentive_probe(patches[0], labels[0], patches[1], labels[1], **probe_kw)
+    assert att["pixels"]["pixels"] == expected.as_dict()
+    assert att["random_init"]["level0"]["val_loss"] != att["trained"]["level0"]["val_loss"]
+    assert "attentive" not in evaluate_run(tiny_run, overrides=[*CHEAP, "eval.attentive=false"])

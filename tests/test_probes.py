@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 
 import pytest
 import torch
 
 from hjepa.eval.knn import knn_accuracy, knn_predict
 from hjepa.eval.linear import (
+    DEFAULT_MAX_ITER,
+    ConvergenceWarning,
+    _fit,
     class_balanced_subset,
+    fit_linear_classifier,
     linear_probe,
     low_shot_linear_probe,
 )
@@ -187,6 +192,75 @@ def test_linear_probe_rejects_bad_input():
         linear_probe(train, labels, train[:, :2], labels, 2)
     with pytest.raises(ValueError, match="none to fit"):
         linear_probe(train[:1], labels[:1], train, labels, 2)
+
+
+def correlated_task(n: int, seed: int):
+    """Overlapping classes in strongly correlated features: 24 latent dimensions of widely
+    different scales, mixed into 32 features (8 directions hold only faint noise), so the
+    standardised features' covariance spans orders of magnitude, as real features' does."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    latent = torch.randn(n, 24, generator=g) + 0.7 * torch.randn(4, 24, generator=g)[labels]
+    latent = latent * torch.logspace(0, -2, 24)
+    feats = latent @ torch.randn(24, 32, generator=g) + 1e-3 * torch.randn(n, 32, generator=g)
+    return feats, labels
+
+
+def _penalised_gradient(feats, labels, classifier) -> float:
+    """Largest gradient entry of the module doc's loss, at the fitted ``(W, b)``."""
+    x = classifier.scaler(feats)
+    weight = classifier.weight.clone().requires_grad_(True)
+    bias = classifier.bias.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels)
+    loss = loss + 0.5 * classifier.weight_decay * weight.pow(2).sum()
+    loss.backward()
+    return max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
+
+
+def test_linear_fit_converges_and_the_cap_does_not_decide():
+    """The fit ends at the minimum, not at an iteration count: 100 plain L-BFGS iterations (the
+    old protocol) stop far from it on this problem; doubling the safety cap changes no bit."""
+    feats, labels = correlated_task(3000, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # no fit may stop at the cap
+        fits = [
+            fit_linear_classifier(feats, labels, 4, weight_decays=(1e-5,), max_iter=cap)
+            for cap in (DEFAULT_MAX_ITER, 2 * DEFAULT_MAX_ITER)
+        ]
+    assert torch.equal(fits[0].weight, fits[1].weight) and torch.equal(fits[0].bias, fits[1].bias)
+    assert _penalised_gradient(feats, labels, fits[0]) < 1e-5
+    x = fits[0].scaler(feats)
+    weight = torch.zeros(4, 32, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(4, dtype=x.dtype, requires_grad=True)
+    capped = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        capped.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels)
+        loss = loss + 0.5e-5 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    capped.step(closure)
+    assert (weight.detach() - fits[0].weight).abs().max() > 0.1  # the old fit: elsewhere
+
+
+def test_linear_fit_reaches_the_same_minimum_from_any_start():
+    feats, labels = correlated_task(2000, 1)
+    x = fit_linear_classifier(feats, labels, 4, weight_decays=(1e-3,)).scaler(feats)
+    g = torch.Generator().manual_seed(3)
+    start = (torch.randn(4, 32, generator=g, dtype=x.dtype), torch.randn(4, dtype=x.dtype))
+    cold = _fit(x, labels, 4, 1e-3, DEFAULT_MAX_ITER)
+    warm = _fit(x, labels, 4, 1e-3, DEFAULT_MAX_ITER, init=start)
+    logits = [x @ w.T + b - b.mean() for w, b in (cold, warm)]  # a common bias shift is void
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-3, rtol=0)
+    assert torch.equal(logits[0].argmax(1), logits[1].argmax(1))
+
+
+def test_a_fit_stopped_by_its_cap_warns():
+    feats, labels = correlated_task(500, 2)
+    with pytest.warns(ConvergenceWarning, match="not converged"):
+        fit_linear_classifier(feats, labels, 4, weight_decays=(1e-5,), max_iter=3)
 
 
 # -------------------------------------------------------------------------- low-shot

@@ -511,10 +511,10 @@ class EvalConfig:
     )
     attentive_epochs: int = setting(4, "epochs of every attentive probe", ge=1)
     attentive_lrs: list[float] = setting(
-        [1e-3, 3e-3], "AdamW learning rates the attentive probe chooses from", gt=0.0, nonempty=True
+        [0.01, 0.03], "AdamW learning rates the attentive probe chooses from", gt=0.0, nonempty=True
     )
     attentive_weight_decays: list[float] = setting(
-        [0.01, 0.1], "AdamW weight decays the attentive probe chooses from", ge=0.0, nonempty=True
+        [0.05], "AdamW weight decays the attentive probe chooses from", ge=0.0, nonempty=True
     )
     robustness: bool = setting(True, "probe a corrupted test set (8 corruptions x 5 severities)")
     robustness_limit: int = setting(2000, "test images corrupted (0: the whole test set)", ge=0)

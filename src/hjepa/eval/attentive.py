@@ -50,8 +50,8 @@ from hjepa.eval.linear import single_threaded
 
 #: Probe training defaults (``eval.attentive_*`` in the config).
 DEFAULT_EPOCHS = 4
-DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3)
-DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (0.01, 0.1)
+DEFAULT_LRS: tuple[float, ...] = (0.01, 0.03)
+DEFAULT_WEIGHT_DECAYS: tuple[float, ...] = (0.05,)
 BATCH_SIZE = 256
 WARMUP_FRACTION = 0.1
 
@@ -158,14 +158,26 @@ def lr_factor(step: int, total: int, warmup_fraction: float = WARMUP_FRACTION) -
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def level_token_sets(level_tokens: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+    """The probe's inputs from an encoder's ``{"level0": [N, N_0, D], ...}``: each level alone
+    and, with several levels, ``concat``: every level's cells, one pooler per level, one
+    classifier on all of them (the attentive counterpart of concatenated pooled features)."""
+    sets = {name: [tokens] for name, tokens in level_tokens.items()}
+    if len(level_tokens) > 1:
+        sets["concat"] = list(level_tokens.values())
+    return sets
+
+
 @dataclass
 class AttentiveResult:
-    """The selected probe's test accuracy, its hyperparameters and validation accuracy."""
+    """The selected probe's test accuracy, its hyperparameters, its validation accuracy and
+    mean cross-entropy (a finer record of the fit than the accuracies)."""
 
     accuracy: float
     lr: float
     weight_decay: float
     val_accuracy: float
+    val_loss: float
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -221,17 +233,17 @@ def fit_attentive_probe(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).to(train_labels.device)
     val_idx, fit_idx = order[:n_val], order[n_val:]
-    scalers = [TokenScaler.fit(t) for t in train_sets]
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
-    with single_threaded():
+    with single_threaded():  # reductions too: their rounding follows the thread count
+        scalers = [TokenScaler.fit(t) for t in train_sets]
         probes = _new_probes(train_sets, num_classes, width, num_heads, num_queries, grid, seed)
         _train_in_lockstep(
             probes, grid, train_sets, scalers, train_labels, fit_idx, epochs, batch_size, generator
         )
-        val = [_accuracy(p, train_sets, scalers, train_labels, val_idx) for p in probes]
-        best = max(range(len(grid)), key=lambda i: (val[i], -i))
-        test = _accuracy(probes[best], test_sets, scalers, test_labels, None)
-    return AttentiveResult(test, grid[best][0], grid[best][1], val[best])
+        val = [_evaluate(p, train_sets, scalers, train_labels, val_idx) for p in probes]
+        best = max(range(len(grid)), key=lambda i: (val[i][0], -i))
+        test, _ = _evaluate(probes[best], test_sets, scalers, test_labels, None)
+    return AttentiveResult(test, *grid[best], *val[best])
 
 
 def _as_sets(tokens: Tensor | TokenSets) -> list[Tensor]:
@@ -318,19 +330,21 @@ def _adamw(probe: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam
 
 
 @torch.no_grad()
-def _accuracy(
+def _evaluate(
     probe: AttentiveClassifier,
     sets: list[Tensor],
     scalers: list[TokenScaler],
     labels: Tensor,
     index: Tensor | None,
     batch_size: int = 1024,
-) -> float:
-    """Accuracy on the images ``index`` of ``sets`` (all when None)."""
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on the images ``index`` of ``sets`` (all when None)."""
     probe.eval()
     index = torch.arange(labels.shape[0], device=labels.device) if index is None else index
-    correct = 0
+    correct, loss = 0, 0.0
     for idx in index.split(batch_size):
-        batch = [scale(t[idx]) for t, scale in zip(sets, scalers, strict=True)]
-        correct += int((probe(batch).argmax(dim=1) == labels[idx]).sum())
-    return correct / max(1, index.numel())
+        logits = probe([scale(t[idx]) for t, scale in zip(sets, scalers, strict=True)])
+        correct += int((logits.argmax(dim=1) == labels[idx]).sum())
+        loss += float(F.cross_entropy(logits, labels[idx], reduction="sum"))
+    count = max(1, index.numel())
+    return correct / count, loss / count

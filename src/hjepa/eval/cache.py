@@ -41,7 +41,9 @@ from hjepa.data.tensors import ImageTensors
 #: Bump when the probes, the features or the baselines' definition change their numbers.
 #: 2: the linear fits run on one intra-op thread (before: on all of them, whose count changed
 #: the L-BFGS probe's accuracies in the last digits).
-PROTOCOL_VERSION = 2
+#: 3: the linear fits converge (float64, preconditioned, to a gradient tolerance) instead of
+#: stopping at 100 iterations; the attentive probe's baselines join the entry.
+PROTOCOL_VERSION = 3
 #: ``eval.*`` keys the baselines' numbers depend on.
 EVAL_KEYS = (
     "knn_k",
@@ -53,6 +55,10 @@ EVAL_KEYS = (
     "low_shot_fractions",
     "low_shot_seeds",
     "transfer",
+    "attentive",
+    "attentive_epochs",
+    "attentive_lrs",
+    "attentive_weight_decays",
 )
 
 

@@ -26,17 +26,37 @@ def knn_flops(n_train: int, n_test: int, dim: int) -> float:
 
 
 #: Calibration of the estimates on a profiled quickstart evaluation (2-core CPU): the probe's
-#: skinny products run at about a third of the encoder's rate per FLOP, and each L-BFGS loss
-#: evaluation pays a fixed cost (Python, line search, small tensors) that dominates small fits.
-LINEAR_SLOWDOWN = 3.0
+#: skinny float64 products run at about an eighth of the encoder's rate per FLOP, and each
+#: L-BFGS loss evaluation pays a fixed cost (Python, line search, small tensors) that dominates
+#: small fits.
+LINEAR_SLOWDOWN = 8.0
 LINEAR_EVAL_OVERHEAD = 4e8
+#: Iterations of a typical converged fit (the quickstart's: 40-350, about 150 on average).
+LINEAR_ITERATIONS = 150
 
 
-def linear_flops(n: int, dim: int, classes: int, fits: int, max_iter: int) -> float:
-    """L-BFGS fits at their iteration cap, about 1.5 loss evaluations (forward + backward) per
-    iteration, in encoder-FLOP equivalents (see ``LINEAR_SLOWDOWN``)."""
+def linear_flops(
+    n: int, dim: int, classes: int, fits: int, max_iter: int = LINEAR_ITERATIONS
+) -> float:
+    """L-BFGS fits of ``max_iter`` iterations, about 1.5 loss evaluations (forward + backward)
+    per iteration, in encoder-FLOP equivalents (see ``LINEAR_SLOWDOWN``)."""
     per_eval = LINEAR_SLOWDOWN * 6.0 * n * dim * classes + LINEAR_EVAL_OVERHEAD
     return fits * max_iter * 1.5 * per_eval
+
+
+#: Calibration of the attentive probe's estimate (small batched products and the optimiser
+#: step run slower per FLOP than the encoder's pass).
+ATTENTIVE_SLOWDOWN = 4.0
+
+
+def attentive_flops(
+    n: int, tokens: int, dim: int, width: int, heads: int, probes: int, epochs: int
+) -> float:
+    """Attentive-probe training in encoder-FLOP equivalents: per image, epoch and probe the
+    pooler's logits and pooling (``2 * heads * tokens * dim`` each), its value, output and MLP
+    products (``dim * width + 9 * width**2``), forward and backward."""
+    per_image = 2 * heads * tokens * dim * 2 + dim * width + 9 * width * width
+    return ATTENTIVE_SLOWDOWN * 6.0 * per_image * n * probes * epochs
 
 
 class EvalProgress:

@@ -39,6 +39,7 @@ from hjepa.data.normalize import channel_stats
 from hjepa.data.subsets import fixed_subset
 from hjepa.device import pick_device
 from hjepa.eval import progress, robust_eval
+from hjepa.eval.attentive import fit_attentive_probe, level_token_sets
 from hjepa.eval.cache import (
     EVAL_KEYS,
     PROTOCOL_VERSION,
@@ -52,10 +53,9 @@ from hjepa.eval.cache import (
 )
 from hjepa.eval.cache import default_dir as default_cache_dir
 from hjepa.eval.collapse import collapse_report
-from hjepa.eval.features import pixel_features, run_features
+from hjepa.eval.features import pixel_features, pixel_tokens, run_features
 from hjepa.eval.knn import knn_accuracy
 from hjepa.eval.linear import (
-    DEFAULT_MAX_ITER,
     DEFAULT_WEIGHT_DECAYS,
     LinearClassifier,
     fit_linear_classifier,
@@ -64,6 +64,7 @@ from hjepa.eval.linear import (
 )
 from hjepa.eval.progress import EvalProgress
 from hjepa.eval.transfer import transfer_datasets, transfer_name
+from hjepa.grid import level_grid
 from hjepa.models.hjepa import build_encoder
 from hjepa.models.vit import VisionTransformer
 from hjepa.rundir import checkpoint_path
@@ -163,7 +164,10 @@ class _Evaluator:
         if self.progress is not None:
             self.progress.advance(work)
 
-    def encoder(self, encoder: VisionTransformer, dataset: Dataset) -> Features:
+    def encoder(
+        self, encoder: VisionTransformer, dataset: Dataset, tokens: dict | None = None
+    ) -> Features:
+        """Pooled features and labels; ``tokens`` (a dict) also gets the level tokens."""
         feats, labels = run_features(
             encoder,
             dataset,
@@ -173,6 +177,7 @@ class _Evaluator:
             self.device,
             self.cfg.train.num_workers,
             on_batch=lambda n: self._advance(n * self.flops_per_image),
+            level_tokens=tokens,
         )
         # The probes run where the encoder does: L-BFGS and kNN over 60k images take
         # minutes on a CPU and seconds on a GPU.
@@ -185,7 +190,7 @@ class _Evaluator:
         return feats.to(self.device), labels.to(self.device)
 
     def _fit_work(self, n: int, dim: int, num_classes: int) -> float:
-        return progress.linear_flops(n, dim, num_classes, 1, DEFAULT_MAX_ITER)
+        return progress.linear_flops(n, dim, num_classes, 1)
 
     def probe_all(
         self, train: Features, test: Features, num_classes: int
@@ -248,6 +253,48 @@ class _Evaluator:
         )
         return {f"{fraction:g}": stats for fraction, stats in table.items()}
 
+    def attentive(
+        self, train: dict[str, list[Tensor]], test: dict[str, list[Tensor]], labels: Features
+    ) -> dict[str, dict[str, float]]:
+        """:func:`fit_attentive_probe` of every token set, side by side, one thread each (the
+        same numbers as one after the other); the probe's width and heads are the encoder's
+        for every set, pixels included."""
+        e, m, (ytr, yte) = self.cfg.eval, self.cfg.model, labels
+
+        def fit(name: str) -> dict[str, float]:
+            result = fit_attentive_probe(
+                train[name],
+                ytr,
+                test[name],
+                yte,
+                self.num_classes,
+                seed=self.cfg.train.seed,
+                epochs=e.attentive_epochs,
+                lrs=e.attentive_lrs,
+                weight_decays=e.attentive_weight_decays,
+                width=m.embed_dim,
+                num_heads=m.num_heads,
+            )
+            self._advance(self._attentive_work([t.shape[1:] for t in train[name]]))
+            return result.as_dict()
+
+        def tokens(name: str) -> int:
+            return sum(t.shape[1] for t in train[name])
+
+        longest_first = sorted(train, key=lambda name: -tokens(name))  # packs the workers
+        fitted = run_side_by_side([lambda name=name: fit(name) for name in longest_first])
+        return {name: dict(zip(longest_first, fitted))[name] for name in train}
+
+    def _attentive_work(self, shapes: list[tuple[int, int]]) -> float:
+        """Estimated work of one attentive probe on token sets of ``(tokens, dim)`` shapes."""
+        e, m = self.cfg.eval, self.cfg.model
+        probes = len(e.attentive_lrs) * len(e.attentive_weight_decays)
+        n = len(self.train_set)
+        return sum(
+            progress.attentive_flops(n, t, d, m.embed_dim, m.num_heads, probes, e.attentive_epochs)
+            for t, d in shapes
+        )
+
     def planned_work(self, encoder: VisionTransformer, baselines: bool) -> float:
         """Estimated FLOPs of the feature passes and probes ahead (steers the bar only)."""
         cfg, e = self.cfg, self.cfg.eval
@@ -260,8 +307,7 @@ class _Evaluator:
 
         def probes(dims: list[int]) -> float:
             linear = [
-                progress.linear_flops(n_tr, d, classes, fits, DEFAULT_MAX_ITER) if e.linear else 0
-                for d in dims
+                progress.linear_flops(n_tr, d, classes, fits) if e.linear else 0 for d in dims
             ]
             return sum(progress.knn_flops(n_tr, n_te, d) for d in dims) + sum(linear)
 
@@ -269,15 +315,22 @@ class _Evaluator:
             if not e.low_shot:
                 return 0.0
             return sum(
-                progress.linear_flops(round(f * n_tr), d, classes, fits, DEFAULT_MAX_ITER)
+                progress.linear_flops(round(f * n_tr), d, classes, fits)
                 for f in e.low_shot_fractions
                 for _ in e.low_shot_seeds
             )
 
+        def attentive(shapes: list[tuple[int, int]]) -> float:
+            return self._attentive_work(shapes) if e.attentive else 0.0
+
+        cells = [(level_grid(encoder.grid_size, lvl) ** 2, dim) for lvl in range(levels)]
+        level_sets = attentive(cells) * (2 if levels > 1 else 1)  # each level, then concat
+        patch = self.channels * cfg.model.patch_size**2
         encoder_pass = (n_tr + n_te) * self.flops_per_image
-        work = encoder_pass + probes(feature_dims) + low_shot(feature_dims[-1])
+        work = encoder_pass + probes(feature_dims) + low_shot(feature_dims[-1]) + level_sets
         if baselines:
             work += encoder_pass + probes(feature_dims) + probes([pixel_dim]) + low_shot(pixel_dim)
+            work += level_sets + attentive([(encoder.grid_size**2, patch)])
         if e.robustness:
             corrupted = len(robust_eval.CORRUPTIONS) * len(robust_eval.SEVERITIES) + 1
             work += corrupted * (e.robustness_limit or n_te) * self.flops_per_image
@@ -402,7 +455,9 @@ def evaluate_run(
         results["pixels"] = cached["pixels"]
 
     bar.stage("trained encoder")
-    train_feats, test_feats = ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set)
+    tokens = ({}, {}) if e.attentive else (None, None)  # the level tokens, from the same pass
+    train_feats = ev.encoder(encoder, ev.train_set, tokens[0])
+    test_feats = ev.encoder(encoder, ev.test_set, tokens[1])
     knn_note = _record_knn_k(results["eval"], e.knn_k, int(train_feats[1].shape[0]))
     if fresh:
         # The pixel probe (the largest fit) side by side with the encoder's: one probe_all
@@ -435,6 +490,22 @@ def evaluate_run(
         elif cached is not None:
             results["low_shot"]["pixels"] = cached["low_shot_pixels"]
         lap("low_shot")
+
+    if e.attentive:
+        bar.stage("attentive probe")
+        train_sets, test_sets = (level_token_sets(t) for t in tokens)
+        if fresh:  # pixel patches as tokens, through the same probe, side by side
+            patch = cfg.model.patch_size
+            train_sets["pixels"] = [pixel_tokens(ptr[0], ev.channels, patch)]
+            test_sets["pixels"] = [pixel_tokens(pte[0], ev.channels, patch)]
+        trained = ev.attentive(train_sets, test_sets, (train_feats[1], test_feats[1]))
+        results["attentive"] = {"trained": trained}
+        if fresh:
+            results["attentive"]["pixels"] = {"pixels": trained.pop("pixels")}
+        elif cached is not None:
+            results["attentive"]["pixels"] = cached["attentive"]["pixels"]
+        del train_sets, test_sets, tokens  # 1-2 GB of tokens, before the next pass
+        lap("attentive")
 
     if e.robustness:
         bar.stage("robustness")
@@ -488,18 +559,26 @@ def evaluate_run(
     if fresh:
         bar.stage("random-init encoder")
         encoder.load_state_dict(random_state)
-        results["random_init"] = ev.probe_all(
-            ev.encoder(encoder, ev.train_set), ev.encoder(encoder, ev.test_set), ev.num_classes
-        )[0]
+        init_tokens = ({}, {}) if e.attentive else (None, None)
+        init_train = ev.encoder(encoder, ev.train_set, init_tokens[0])
+        init_test = ev.encoder(encoder, ev.test_set, init_tokens[1])
+        results["random_init"] = ev.probe_all(init_train, init_test, ev.num_classes)[0]
         for spec, (tr_set, te_set, num_classes) in transfer_sets.items():
             results["transfer"][transfer_name(spec)]["random_init"] = ev.probe_all(
                 ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
             )[0]
         lap("random_init")
+        if e.attentive:
+            sets = [level_token_sets(t) for t in init_tokens]
+            labels = (init_train[1], init_test[1])
+            results["attentive"]["random_init"] = ev.attentive(*sets, labels)
+            lap("attentive_random_init")
         if cache is not None:
             cache.store(_baseline_results(results))
     elif cached is not None:
         results["random_init"] = cached["random_init"]
+        if e.attentive:
+            results["attentive"]["random_init"] = cached["attentive"]["random_init"]
         for name, entry in results.get("transfer", {}).items():
             entry["random_init"] = cached["transfer"][name]["random_init"]
 
@@ -529,6 +608,9 @@ def _baseline_results(results: dict[str, Any]) -> dict[str, Any]:
         "pixels": results["pixels"],
         "random_init": results["random_init"],
         "low_shot_pixels": results.get("low_shot", {}).get("pixels"),
+        "attentive": {
+            k: v for k, v in results.get("attentive", {}).items() if k in ("pixels", "random_init")
+        },
         "transfer": {
             name: {"pixels": entry["pixels"], "random_init": entry["random_init"]}
             for name, entry in results.get("transfer", {}).items()
@@ -579,4 +661,7 @@ def format_table(results: dict[str, Any]) -> str:
                     f"transfer {name} {group} {feat}: kNN {accs['knn']:.4f} "
                     f"linear {_acc(accs.get('linear'))}"
                 )
+    for group, table in results.get("attentive", {}).items():
+        for feat, fit in table.items():
+            lines.append(f"attentive {group} {feat}: {fit['accuracy']:.4f}")
     return "\n".join(lines)

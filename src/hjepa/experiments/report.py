@@ -87,6 +87,20 @@ def _probe_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _attentive_rows(attentive: dict[str, Any]) -> list[str]:
+    trained, rand = attentive.get("trained", {}), attentive.get("random_init", {})
+    lines = ["| tokens | trained | random init |", "|---|---|---|"]
+
+    def acc(fit: dict | None) -> str:
+        return "-" if fit is None else f"{fit['accuracy']:.4f}"
+
+    for name, fit in trained.items():
+        lines.append(f"| {name} | {acc(fit)} | {acc(rand.get(name))} |")
+    for name, fit in attentive.get("pixels", {}).items():
+        lines.append(f"| raw {name} (patches) | {acc(fit)} | |")
+    return lines
+
+
 def _collapse_rows(collapse: dict[str, Any]) -> list[str]:
     lines = [
         "| level | effective rank | rank / dim | normalised std (healthy) | collapsed |",
@@ -148,6 +162,9 @@ def eval_markdown(results: dict[str, Any], images: dict[str, str]) -> str:
     run = Path(results["run_dir"]).name
     out = [f"# Evaluation of `{run}` (step {results['step']})", ""]
     out += ["## Frozen-feature probes", "", *_probe_rows(results), ""]
+    if results.get("attentive"):
+        out += ["## Attentive probe (frozen tokens)", "", *_attentive_rows(results["attentive"])]
+        out.append("")
     if results.get("collapse"):
         out += ["## Collapse diagnostics (test features)", "", *_collapse_rows(results["collapse"])]
         out.append("")
