@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +371,58 @@ def _baseline_cache(
     return BaselineCache(directory, baseline_key(fields), fields)
 
 
+class _Baselines:
+    """Where the baselines' numbers (pixels, random init) come from in this evaluation:
+    computed by it (``fresh``, then stored in the cache), read from an earlier evaluation's
+    cache entry (``cached``), or nowhere (baselines off). Each stage asks :meth:`take` for its
+    part, so the cache is a property of the stage that produces a number, not a branch of the
+    whole pipeline."""
+
+    def __init__(self, fresh: bool, cached: dict[str, Any] | None) -> None:
+        self.fresh, self.cached = fresh, cached
+
+    def take(self, record: dict[str, Any], name: str, compute: Callable[[], Any], *path: str):
+        """``record[name]``: ``compute()`` when fresh, else the cache's value at ``path``; left
+        unset when there are no baselines."""
+        if self.fresh:
+            record[name] = compute()
+        elif self.cached is not None:
+            value: Any = self.cached
+            for key in path:
+                value = value[key]
+            record[name] = value
+
+
+@dataclass
+class _Run:
+    """What the stages of one evaluation share (see :func:`evaluate_run`)."""
+
+    cfg: Config
+    ev: _Evaluator
+    encoder: VisionTransformer
+    random_state: dict[str, Tensor]
+    results: dict[str, Any]
+    cache: BaselineCache | None
+    baselines: _Baselines
+    bar: EvalProgress
+    best: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    pixel_sets: tuple[Features, Features] | None = None  # (train, test) pixels, when computed
+    pixel_clf: LinearClassifier | None = None
+    train: Features | None = None
+    test: Features | None = None
+    tokens: tuple[dict | None, dict | None] = (None, None)  # the attentive probe's level tokens
+    classifiers: dict[str, LinearClassifier] = field(default_factory=dict)
+    transfer_sets: dict[str, tuple[Dataset, Dataset, int]] = field(default_factory=dict)
+    knn_note: str | None = None
+
+    def lap(self, part: str) -> None:
+        """Record the seconds since the last lap as ``part``'s."""
+        now = time.perf_counter()
+        self.seconds[part], self.clock = now - self.clock, now
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -386,8 +439,30 @@ def evaluate_run(
     of :mod:`hjepa.eval.cache` when an earlier evaluation computed them (``eval.cache``); the
     entry used is recorded as ``baseline_cache``. ``progress_bar`` (default ``run.progress``)
     shows one bar with an ETA on stderr.
+
+    A pipeline of named stages, each switched by its ``eval.*`` key and each taking its
+    baselines' numbers from :class:`_Baselines`.
     """
-    run_dir = Path(run_dir)
+    run = _start(Path(run_dir), baselines, overrides, progress_bar, checkpoint)
+    for stage in (_pixels, _trained, _low_shot, _attentive, _robustness, _transfer, _random_init):
+        stage(run)
+    run.bar.close()
+    if run.knn_note:
+        print(f"hjepa eval: {run.knn_note}", file=sys.stderr)
+    run.results["seconds"] = run.seconds
+    (Path(run_dir) / "eval.json").write_text(json.dumps(run.results, indent=2))
+    return run.results
+
+
+def _start(
+    run_dir: Path,
+    baselines: bool | None,
+    overrides: Sequence[str],
+    progress_bar: bool | None,
+    checkpoint: str | Path | None,
+) -> _Run:
+    """The run's config and checkpoint, the encoder at its initialisation and trained, the
+    header of ``eval.json``, the baseline cache entry and the progress bar."""
     cfg = load_run_config(run_dir, overrides)
     if baselines is not None:
         cfg.eval.baselines = baselines
@@ -397,32 +472,20 @@ def evaluate_run(
     device = pick_device(cfg.train.device)
     ev = _Evaluator(cfg, device)
     data_record = check_run_dataset(run_dir, ev.test_set)  # the folder's split as trained
-    best = best_features(cfg.model.levels)
-    seconds: dict[str, float] = {}
     clock = time.perf_counter()
-
-    def lap(part: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[part] = now - clock
-        clock = now
-
     torch.manual_seed(cfg.train.seed)  # the very initialisation the trained run started from
     architecture = RecordedSection(cfg.model)  # the model.* settings the encoder depends on
     encoder = build_encoder(architecture, cfg.data.image_size, ev.channels).to(device)
     random_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     load_target_encoder(encoder, state, source, run_dir)
-
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "checkpoint": str(source),
         "step": int(state["step"]),
-        "eval": {},
+        "eval": dict(vars(e)),
     }
-    results["eval"] = {k: v for k, v in vars(e).items()}
     if data_record is not None:  # an image folder: its classes and split (files: dataset.json)
         results["data"] = {k: v for k, v in data_record.items() if k != "test_files"}
-
     # The baselines' numbers (and the pixel classifier robustness scores) from an earlier
     # evaluation of the same data, architecture, seed and protocol.
     cache = (
@@ -432,162 +495,202 @@ def evaluate_run(
     )
     cached = cache.load() if cache is not None and e.baselines else None
     if cache is not None:
+        hit = cached is not None
         results["baseline_cache"] = {
             "key": cache.key,
             "dir": str(cache.dir),
-            "hit": cached is not None,
+            "hit": hit,
             "fields": cache.fields,
         }
     fresh = e.baselines and cached is None  # baselines computed (and cached) by this call
     show = cfg.run.progress if progress_bar is None else progress_bar
     ev.progress = bar = EvalProgress(ev.planned_work(encoder, fresh), show)
+    best = best_features(cfg.model.levels)
+    run = _Run(cfg, ev, encoder, random_state, results, cache, _Baselines(fresh, cached), bar, best)
+    run.clock = clock
+    return run
 
-    # Raw pixels: a baseline of the probes and the reference of mCE.
-    pixel_clf = None
-    if e.robustness and cache is not None:
-        saved = cache.load_tensors("pixel_classifier")
-        pixel_clf = LinearClassifier.from_state(saved, device) if saved else None
-    if fresh or (e.robustness and pixel_clf is None):
-        bar.stage("pixels")
-        ptr, pte = ev.pixels(ev.train_set), ev.pixels(ev.test_set)
-        lap("pixels")
-    elif cached is not None:
-        results["pixels"] = cached["pixels"]
 
-    bar.stage("trained encoder")
-    tokens = ({}, {}) if e.attentive else (None, None)  # the level tokens, from the same pass
-    train_feats = ev.encoder(encoder, ev.train_set, tokens[0])
-    test_feats = ev.encoder(encoder, ev.test_set, tokens[1])
-    knn_note = _record_knn_k(results["eval"], e.knn_k, int(train_feats[1].shape[0]))
-    if fresh:
+def _pixels(run: _Run) -> None:
+    """Raw pixels: a baseline of the probes and the reference of mCE (whose classifier the
+    cache keeps too)."""
+    e, ev = run.cfg.eval, run.ev
+    if e.robustness and run.cache is not None:
+        saved = run.cache.load_tensors("pixel_classifier")
+        run.pixel_clf = LinearClassifier.from_state(saved, ev.device) if saved else None
+    if run.baselines.fresh or (e.robustness and run.pixel_clf is None):
+        run.bar.stage("pixels")
+        run.pixel_sets = ev.pixels(ev.train_set), ev.pixels(ev.test_set)
+        run.lap("pixels")
+    elif run.baselines.cached is not None:
+        run.results["pixels"] = run.baselines.cached["pixels"]
+
+
+def _trained(run: _Run) -> None:
+    """The trained encoder's features (and level tokens), probed beside the pixels' when this
+    evaluation computes the baselines (one side-by-side fit), and its collapse report."""
+    e, ev, results = run.cfg.eval, run.ev, run.results
+    run.bar.stage("trained encoder")
+    run.tokens = ({}, {}) if e.attentive else (None, None)  # the level tokens, same pass
+    run.train = ev.encoder(run.encoder, ev.train_set, run.tokens[0])
+    run.test = ev.encoder(run.encoder, ev.test_set, run.tokens[1])
+    run.knn_note = _record_knn_k(results["eval"], e.knn_k, int(run.train[1].shape[0]))
+    if run.baselines.fresh:
+        (ptr, pte), train, test = run.pixel_sets, run.train, run.test
         # The pixel probe (the largest fit) side by side with the encoder's: one probe_all
         # over both (the same labels: both passes read the datasets in order).
-        if not (torch.equal(ptr[1], train_feats[1]) and torch.equal(pte[1], test_feats[1])):
+        if not (torch.equal(ptr[1], train[1]) and torch.equal(pte[1], test[1])):
             raise RuntimeError("pixel and encoder passes read the data in different orders")
         accs, classifiers = ev.probe_all(
-            ({**train_feats[0], "pixels": ptr[0]}, train_feats[1]),
-            ({**test_feats[0], "pixels": pte[0]}, test_feats[1]),
+            ({**train[0], "pixels": ptr[0]}, train[1]),
+            ({**test[0], "pixels": pte[0]}, test[1]),
             ev.num_classes,
         )
         results["pixels"] = {"pixels": accs.pop("pixels")}
-        pixel_clf = pixel_clf or classifiers.pop("pixels", None)
+        run.pixel_clf = run.pixel_clf or classifiers.pop("pixels", None)
         classifiers.pop("pixels", None)
-        results["trained"] = accs
+        results["trained"], run.classifiers = accs, classifiers
     else:
-        results["trained"], classifiers = ev.probe_all(train_feats, test_feats, ev.num_classes)
+        results["trained"], run.classifiers = ev.probe_all(run.train, run.test, ev.num_classes)
     results["collapse"] = {
-        name: collapse_report(feats) for name, feats in test_feats[0].items() if name != "concat"
+        name: collapse_report(feats) for name, feats in run.test[0].items() if name != "concat"
     }
-    lap("trained")
+    run.lap("trained")
 
-    if e.low_shot:
-        bar.stage("low-shot")
-        train_best = (train_feats[0][best], train_feats[1])
-        test_best = (test_feats[0][best], test_feats[1])
-        results["low_shot"] = {"features": best, "trained": ev.low_shot(train_best, test_best)}
-        if fresh:
-            results["low_shot"]["pixels"] = ev.low_shot(ptr, pte)
-        elif cached is not None:
-            results["low_shot"]["pixels"] = cached["low_shot_pixels"]
-        lap("low_shot")
 
-    if e.attentive:
-        bar.stage("attentive probe")
-        train_sets, test_sets = (level_token_sets(t) for t in tokens)
-        if fresh:  # pixel patches as tokens, through the same probe, side by side
-            patch = cfg.model.patch_size
-            train_sets["pixels"] = [pixel_tokens(ptr[0], ev.channels, patch)]
-            test_sets["pixels"] = [pixel_tokens(pte[0], ev.channels, patch)]
-        trained = ev.attentive(train_sets, test_sets, (train_feats[1], test_feats[1]))
-        results["attentive"] = {"trained": trained}
-        if fresh:
-            results["attentive"]["pixels"] = {"pixels": trained.pop("pixels")}
-        elif cached is not None:
-            results["attentive"]["pixels"] = cached["attentive"]["pixels"]
-        del train_sets, test_sets, tokens  # 1-2 GB of tokens, before the next pass
-        lap("attentive")
+def _low_shot(run: _Run) -> None:
+    """``eval.low_shot``: linear probes on class-balanced label fractions of the best
+    features, beside the pixels'."""
+    if not run.cfg.eval.low_shot:
+        return
+    run.bar.stage("low-shot")
+    ev, best = run.ev, run.best
+    train_best, test_best = (run.train[0][best], run.train[1]), (run.test[0][best], run.test[1])
+    entry = {"features": best, "trained": ev.low_shot(train_best, test_best)}
+    run.results["low_shot"] = entry
+    run.baselines.take(entry, "pixels", lambda: ev.low_shot(*run.pixel_sets), "low_shot_pixels")
+    run.lap("low_shot")
 
-    if e.robustness:
-        bar.stage("robustness")
-        clf = classifiers.get(best) or fit_linear_classifier(
-            train_feats[0][best], train_feats[1], ev.num_classes, seed=cfg.train.seed
+
+def _attentive(run: _Run) -> None:
+    """``eval.attentive``: the attentive probe of the level tokens, beside pixel patches as
+    tokens through the same probe."""
+    if not run.cfg.eval.attentive:
+        return
+    run.bar.stage("attentive probe")
+    ev, fresh = run.ev, run.baselines.fresh
+    train_sets, test_sets = (level_token_sets(t) for t in run.tokens)
+    if fresh:  # pixel patches as tokens, through the same probe, side by side
+        patch = run.cfg.model.patch_size
+        (ptr, pte) = run.pixel_sets
+        train_sets["pixels"] = [pixel_tokens(ptr[0], ev.channels, patch)]
+        test_sets["pixels"] = [pixel_tokens(pte[0], ev.channels, patch)]
+    trained = ev.attentive(train_sets, test_sets, (run.train[1], run.test[1]))
+    entry = run.results["attentive"] = {"trained": trained}
+    run.baselines.take(
+        entry, "pixels", lambda: {"pixels": trained.pop("pixels")}, "attentive", "pixels"
+    )
+    del train_sets, test_sets
+    run.tokens = (None, None)  # 1-2 GB of tokens, before the next pass
+    run.lap("attentive")
+
+
+def _robustness(run: _Run) -> None:
+    """``eval.robustness``: the best features' probe and the pixel probe on corrupted test
+    images; mCE relative to the pixels."""
+    e, ev, cfg, best = run.cfg.eval, run.ev, run.cfg, run.best
+    if not e.robustness:
+        return
+    run.bar.stage("robustness")
+    clf = run.classifiers.get(best) or fit_linear_classifier(
+        run.train[0][best], run.train[1], ev.num_classes, seed=cfg.train.seed
+    )
+    if run.pixel_clf is None:
+        run.pixel_clf = fit_linear_classifier(
+            *run.pixel_sets[0], ev.num_classes, seed=cfg.train.seed
         )
-        if pixel_clf is None:
-            pixel_clf = fit_linear_classifier(*ptr, ev.num_classes, seed=cfg.train.seed)
-        if cache is not None:
-            cache.store_tensors("pixel_classifier", pixel_clf.state())
-        clean = robust_eval.materialize(ev.test_set, e.robustness_limit)
-        clean_acc, table = robust_eval.accuracy_table(
-            {
-                "encoder": lambda ds: ev.encoder(encoder, ds)[0][best],
-                "pixels": lambda ds: ev.pixels(ds)[0],
-            },
-            {"encoder": clf, "pixels": pixel_clf},
-            clean,
-        )
-        results["robustness"] = {
-            "features": best,
-            "images": len(clean),
-            **robust_eval.summarize(clean_acc, table, "encoder", "pixels"),
-        }
-        lap("robustness")
+    if run.cache is not None:
+        run.cache.store_tensors("pixel_classifier", run.pixel_clf.state())
+    clean = robust_eval.materialize(ev.test_set, e.robustness_limit)
+    clean_acc, table = robust_eval.accuracy_table(
+        {
+            "encoder": lambda ds: ev.encoder(run.encoder, ds)[0][best],
+            "pixels": lambda ds: ev.pixels(ds)[0],
+        },
+        {"encoder": clf, "pixels": run.pixel_clf},
+        clean,
+    )
+    run.results["robustness"] = {
+        "features": best,
+        "images": len(clean),
+        **robust_eval.summarize(clean_acc, table, "encoder", "pixels"),
+    }
+    run.lap("robustness")
 
-    transfer_sets = {}
-    for spec in e.transfer:
-        name = transfer_name(spec)
-        bar.stage(f"transfer {name}")
-        tr_set, te_set = transfer_datasets(
-            spec, image_size=cfg.data.image_size, channels=ev.channels
-        )
-        num_classes = int(getattr(tr_set, "num_classes", 0))
-        transfer_sets[spec] = (tr_set, te_set, num_classes)
-        entry = {"spec": spec, "train_images": len(tr_set), "test_images": len(te_set)}
-        tr_feats = ev.encoder(encoder, tr_set)
-        entry["knn_k"] = min(e.knn_k, int(tr_feats[1].shape[0]))  # the k its probes used
-        entry["trained"] = ev.probe_all(tr_feats, ev.encoder(encoder, te_set), num_classes)[0]
-        if fresh:
-            entry["pixels"] = ev.probe_all(
-                *(({"pixels": f}, y) for f, y in (ev.pixels(tr_set), ev.pixels(te_set))),
-                num_classes,
-            )[0]
-        elif cached is not None:
-            entry["pixels"] = cached["transfer"][name]["pixels"]
-        results.setdefault("transfer", {})[name] = entry
-    if e.transfer:
-        lap("transfer")
 
+def _transfer(run: _Run) -> None:
+    """``eval.transfer``: the frozen encoder's probes on other datasets, beside pixels."""
+    for spec in run.cfg.eval.transfer:
+        _transfer_one(run, spec)
+    if run.cfg.eval.transfer:
+        run.lap("transfer")
+
+
+def _transfer_one(run: _Run, spec: str) -> None:
+    e, ev = run.cfg.eval, run.ev
+    name = transfer_name(spec)
+    run.bar.stage(f"transfer {name}")
+    tr_set, te_set = transfer_datasets(
+        spec, image_size=run.cfg.data.image_size, channels=ev.channels
+    )
+    num_classes = int(getattr(tr_set, "num_classes", 0))
+    run.transfer_sets[spec] = (tr_set, te_set, num_classes)
+    entry = {"spec": spec, "train_images": len(tr_set), "test_images": len(te_set)}
+    tr_feats = ev.encoder(run.encoder, tr_set)
+    entry["knn_k"] = min(e.knn_k, int(tr_feats[1].shape[0]))  # the k its probes used
+    te_feats = ev.encoder(run.encoder, te_set)
+    entry["trained"] = ev.probe_all(tr_feats, te_feats, num_classes)[0]
+
+    def pixels() -> dict:
+        sets = [({"pixels": f}, y) for f, y in (ev.pixels(tr_set), ev.pixels(te_set))]
+        return ev.probe_all(*sets, num_classes)[0]
+
+    run.baselines.take(entry, "pixels", pixels, "transfer", name, "pixels")
+    run.results.setdefault("transfer", {})[name] = entry
+
+
+def _random_init(run: _Run) -> None:
+    """The same probes of the encoder at its initialisation (computed, then the whole
+    baseline entry stored in the cache; or read from it)."""
+    e, ev, results, fresh = run.cfg.eval, run.ev, run.results, run.baselines.fresh
+    init_tokens: tuple = (None, None)
+    init_train = init_test = None  # the probes below read them only when fresh
     if fresh:
-        bar.stage("random-init encoder")
-        encoder.load_state_dict(random_state)
+        run.bar.stage("random-init encoder")
+        run.encoder.load_state_dict(run.random_state)
         init_tokens = ({}, {}) if e.attentive else (None, None)
-        init_train = ev.encoder(encoder, ev.train_set, init_tokens[0])
-        init_test = ev.encoder(encoder, ev.test_set, init_tokens[1])
-        results["random_init"] = ev.probe_all(init_train, init_test, ev.num_classes)[0]
-        for spec, (tr_set, te_set, num_classes) in transfer_sets.items():
-            results["transfer"][transfer_name(spec)]["random_init"] = ev.probe_all(
-                ev.encoder(encoder, tr_set), ev.encoder(encoder, te_set), num_classes
-            )[0]
-        lap("random_init")
-        if e.attentive:
-            sets = [level_token_sets(t) for t in init_tokens]
-            labels = (init_train[1], init_test[1])
-            results["attentive"]["random_init"] = ev.attentive(*sets, labels)
-            lap("attentive_random_init")
-        if cache is not None:
-            cache.store(_baseline_results(results))
-    elif cached is not None:
-        results["random_init"] = cached["random_init"]
-        if e.attentive:
-            results["attentive"]["random_init"] = cached["attentive"]["random_init"]
-        for name, entry in results.get("transfer", {}).items():
-            entry["random_init"] = cached["transfer"][name]["random_init"]
-
-    bar.close()
-    if knn_note:
-        print(f"hjepa eval: {knn_note}", file=sys.stderr)
-    results["seconds"] = seconds
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    return results
+        init_train = ev.encoder(run.encoder, ev.train_set, init_tokens[0])
+        init_test = ev.encoder(run.encoder, ev.test_set, init_tokens[1])
+    probe = lambda: ev.probe_all(init_train, init_test, ev.num_classes)[0]
+    run.baselines.take(results, "random_init", probe, "random_init")
+    if e.attentive:
+        sets = lambda: [level_token_sets(t) for t in init_tokens]
+        attentive = lambda: ev.attentive(*sets(), (init_train[1], init_test[1]))
+        run.baselines.take(
+            results["attentive"], "random_init", attentive, "attentive", "random_init"
+        )
+    for spec, (tr_set, te_set, num_classes) in run.transfer_sets.items():
+        name = transfer_name(spec)
+        transfer = lambda tr=tr_set, te=te_set, n=num_classes: ev.probe_all(
+            ev.encoder(run.encoder, tr), ev.encoder(run.encoder, te), n
+        )[0]
+        run.baselines.take(
+            results["transfer"][name], "random_init", transfer, "transfer", name, "random_init"
+        )
+    if fresh:
+        run.lap("random_init")
+        if run.cache is not None:
+            run.cache.store(_baseline_results(results))
 
 
 def _record_knn_k(record: dict[str, Any], k: int, train_images: int) -> str | None:
