@@ -228,6 +228,7 @@ def test_linear_fit_converges_and_the_cap_does_not_decide():
             for cap in (DEFAULT_MAX_ITER, 2 * DEFAULT_MAX_ITER)
         ]
     assert torch.equal(fits[0].weight, fits[1].weight) and torch.equal(fits[0].bias, fits[1].bias)
+    assert fits[0].weight.dtype == torch.float64  # the reported fit: float64, to 1e-6
     assert _penalised_gradient(feats, labels, fits[0]) < 1e-5
     x = fits[0].scaler(feats)
     weight = torch.zeros(4, 32, dtype=x.dtype, requires_grad=True)
