@@ -260,8 +260,14 @@ def test_linear_fit_reaches_the_same_minimum_from_any_start():
 
 def test_a_fit_stopped_by_its_cap_warns():
     feats, labels = correlated_task(500, 2)
-    with pytest.warns(ConvergenceWarning, match="not converged"):
+    with pytest.warns(ConvergenceWarning, match="not converged") as caught:
         fit_linear_classifier(feats, labels, 4, weight_decays=(1e-5,), max_iter=3)
+    message = str(caught[0].message)
+    # the warning names the cap it hit and the fit's weight decay, and points at the caller
+    assert "(cap 3)" in message and "weight decay 1e-05" in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # a converged fit stays silent
+        fit_linear_classifier(feats, labels, 4, weight_decays=(1e-5,))
 
 
 # -------------------------------------------------------------------------- low-shot

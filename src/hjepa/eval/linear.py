@@ -154,9 +154,7 @@ def _fit(
     """
     y = labels.to(device=x.device, dtype=torch.long)
     eigenvalues, eigenvectors = basis if basis is not None else _eigenbasis(x)
-    curvature = eigenvalues.clamp_min(0.0) + weight_decay
-    floor = 1e-6 * float(curvature.max().clamp_min(1e-12))  # keeps s finite at lambda = 0
-    scale = curvature.clamp_min(floor).rsqrt()
+    scale = _preconditioner(eigenvalues, weight_decay)
     weight0 = x.new_zeros(num_classes, x.shape[1]) if init is None else init[0].to(x.dtype)
     bias = x.new_zeros(num_classes) if init is None else init[1].detach().to(x.dtype, copy=True)
     variables = ((weight0 @ eigenvectors) / scale).detach().requires_grad_(True)
@@ -191,15 +189,29 @@ def _fit(
         closure()  # the gradient at the final point (the line search's last one may differ)
     largest = max(float(variables.grad.abs().max()), float(bias.grad.abs().max()))
     if warn and largest > tolerance:
-        warnings.warn(
-            f"linear probe: L-BFGS stopped after {optimizer.state[variables]['n_iter']} "
-            f"iterations (cap {max_iter}) with largest gradient entry {largest:.1e} > "
-            f"{tolerance:g} (weight decay {weight_decay:g}): not converged, so its accuracy "
-            "may differ on another machine",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+        iterations = optimizer.state[variables]["n_iter"]
+        _warn_unconverged(iterations, max_iter, largest, tolerance, weight_decay)
     return weights().detach(), bias.detach()
+
+
+def _preconditioner(eigenvalues: Tensor, weight_decay: float) -> Tensor:
+    """:math:`s_k = (\\Lambda_k + \\lambda)^{-1/2}` of :func:`_fit`, floored at 1e-6 of the
+    largest curvature so that it stays finite at :math:`\\lambda = 0`."""
+    curvature = eigenvalues.clamp_min(0.0) + weight_decay
+    floor = 1e-6 * float(curvature.max().clamp_min(1e-12))
+    return curvature.clamp_min(floor).rsqrt()
+
+
+def _warn_unconverged(
+    iterations: int, max_iter: int, largest: float, tolerance: float, weight_decay: float
+) -> None:
+    warnings.warn(
+        f"linear probe: L-BFGS stopped after {iterations} iterations (cap {max_iter}) with "
+        f"largest gradient entry {largest:.1e} > {tolerance:g} (weight decay {weight_decay:g}): "
+        "not converged, so its accuracy may differ on another machine",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def _eigenbasis(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,16 +272,7 @@ def linear_probe(
             f"linear probe: train dim {train_feats.shape[1]} != test dim "
             f"{test_feats.shape[1]}; extract both with the same encoder."
         )
-    if not weight_decays or any(wd < 0 or not math.isfinite(wd) for wd in weight_decays):
-        raise ValueError(
-            f"linear probe: weight_decays must be a non-empty sequence of finite values >= 0; "
-            f"got {tuple(weight_decays)}."
-        )
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"linear probe: val_fraction must be in (0, 1), got {val_fraction}.")
-    if max_iter < 1:
-        raise ValueError(f"linear probe: max_iter must be >= 1, got {max_iter}.")
-
+    _check_fit_settings(weight_decays, val_fraction, max_iter)
     classifier = fit_linear_classifier(
         train_feats,
         train_labels,
@@ -285,6 +288,18 @@ def linear_probe(
         "weight_decay": classifier.weight_decay,
         "val_accuracy": classifier.val_accuracy,
     }
+
+
+def _check_fit_settings(weight_decays: Sequence[float], val_fraction: float, max_iter: int) -> None:
+    if not weight_decays or any(wd < 0 or not math.isfinite(wd) for wd in weight_decays):
+        raise ValueError(
+            f"linear probe: weight_decays must be a non-empty sequence of finite values >= 0; "
+            f"got {tuple(weight_decays)}."
+        )
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"linear probe: val_fraction must be in (0, 1), got {val_fraction}.")
+    if max_iter < 1:
+        raise ValueError(f"linear probe: max_iter must be >= 1, got {max_iter}.")
 
 
 @dataclass
