@@ -159,15 +159,7 @@ def _fit(
     bias = x.new_zeros(num_classes) if init is None else init[1].detach().to(x.dtype, copy=True)
     variables = ((weight0 @ eigenvectors) / scale).detach().requires_grad_(True)
     bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [variables, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        tolerance_grad=tolerance,
-        tolerance_change=0.0,  # only the gradient test ends a fit (or the cap)
-        line_search_fn="strong_wolfe",
-    )
+    optimizer = _lbfgs([variables, bias], max_iter, tolerance)
 
     def weights() -> Tensor:
         # Rows centred: the softmax ignores a vector added to every class and only the penalty,
@@ -192,6 +184,18 @@ def _fit(
         iterations = optimizer.state[variables]["n_iter"]
         _warn_unconverged(iterations, max_iter, largest, tolerance, weight_decay)
     return weights().detach(), bias.detach()
+
+
+def _lbfgs(params: list[Tensor], max_iter: int, tolerance: float) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=tolerance,
+        tolerance_change=0.0,  # only the gradient test ends a fit (or the cap)
+        line_search_fn="strong_wolfe",
+    )
 
 
 def _preconditioner(eigenvalues: Tensor, weight_decay: float) -> Tensor:
