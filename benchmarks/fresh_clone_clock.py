@@ -4,7 +4,7 @@
 
 Clones this repository's committed ``HEAD`` into a temporary folder and runs the line after the
 README's ``<!-- main-command -->`` marker there verbatim, with an empty ``HOME`` (no pip cache,
-no baseline cache: the first evaluation a new user sees). ``bash -x`` stamps the start of every
+no baseline cache: the first evaluation a new user sees). ``set -x`` stamps the start of every
 command it runs, which splits the wall time into install (everything before ``hjepa train``),
 training and evaluation. Right after, ``race_ijepa.py`` measures the official I-JEPA model
 step's images/s on the same machine, so the budget the README states ("10 minutes where the
@@ -45,7 +45,7 @@ def phases(trace: str, end: float) -> dict[str, float]:
     """Install / train / eval seconds from a ``bash -x`` trace whose lines carry start stamps."""
     starts = [(float(m[1]), m[2]) for m in map(STAMP.match, trace.splitlines()) if m]
     if not starts:
-        raise ValueError("no time stamps in the trace: was the command run under bash -x?")
+        raise ValueError("no time stamps in the trace: was the command run through traced()?")
     first = starts[0][0]
     train = next(t for t, cmd in starts if "hjepa train" in cmd)
     evaluate = next(t for t, cmd in starts if "hjepa eval" in cmd)
@@ -56,15 +56,22 @@ def phases(trace: str, end: float) -> dict[str, float]:
     }
 
 
-def run_main_command(clone: Path, home: Path) -> tuple[dict[str, float], int]:
+def traced(cmd: str) -> str:
+    """``cmd`` with ``set -x`` and a time-stamped ``PS4`` set inside the script: bash ignores a
+    ``PS4`` taken from the environment when it runs as root, which would leave no stamps."""
+    return f"PS4='+ $(date +%s.%N) '; set -x; {cmd}"
+
+
+def run_main_command(clone: Path, home: Path) -> tuple[str, float, int]:
+    """The README's main command in ``clone``: its trace, its end time and its exit code."""
     cmd = main_command((clone / "README.md").read_text())
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(HOME=str(home), PS4="+ $(date +%s.%N) ")
-    proc = subprocess.run(["bash", "-x", "-c", cmd], cwd=clone, env=env, capture_output=True)
+    env.update(HOME=str(home))
+    proc = subprocess.run(["bash", "-c", traced(cmd)], cwd=clone, env=env, capture_output=True)
     end = time.time()
     trace = proc.stderr.decode(errors="replace")
     (clone / "trace.log").write_text(trace + proc.stdout.decode(errors="replace"))
-    return phases(trace, end), proc.returncode
+    return trace, end, proc.returncode
 
 
 def official_img_s(ijepa: Path, threads: int) -> float:
@@ -93,16 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         home.mkdir()
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         load_before = os.getloadavg()
-        times, rc = run_main_command(clone, home)
+        trace, end, rc = run_main_command(clone, home)
         if rc != 0:
             print((clone / "trace.log").read_text()[-4000:], file=sys.stderr)
             raise SystemExit(f"the main command failed with exit code {rc}")
-        img_s = official_img_s(args.ijepa, args.threads)
+        # Keep what the run wrote before anything below can fail.
         args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(clone / "trace.log", args.out / "trace.log")
         for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md"):
             shutil.copy(clone / "runs" / "quickstart" / name, args.out / name)
         if args.keep_run:
             shutil.copytree(clone / "runs" / "quickstart", args.keep_run)
+        times = phases(trace, end)
+        img_s = official_img_s(args.ijepa, args.threads)
     budget = BUDGET_S * BUDGET_IMG_S / img_s
     record = {
         "commit": commit,

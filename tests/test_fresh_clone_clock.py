@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,12 @@ def test_phases_split_at_the_first_train_and_eval_commands():
     assert times == {"install_s": 60.0, "train_s": 300.0, "eval_s": 300.2}
     with pytest.raises(ValueError, match="no time stamps"):
         load_benchmark("fresh_clone_clock").phases("no stamps here", end=1.0)
+
+
+def test_a_traced_command_carries_stamps_that_split_it(tmp_path):
+    """The wrapper must stamp commands even as root, where bash ignores an inherited PS4."""
+    clock = load_benchmark("fresh_clone_clock")
+    cmd = "true && sleep 0.2 && echo hjepa train > /dev/null && echo hjepa eval > /dev/null"
+    proc = subprocess.run(["bash", "-c", clock.traced(cmd)], capture_output=True, text=True)
+    times = clock.phases(proc.stderr, end=time.time())
+    assert times["install_s"] >= 0.2 and times["train_s"] >= 0 and times["eval_s"] >= 0
