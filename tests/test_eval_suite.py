@@ -16,10 +16,10 @@ from hjepa.data.datasets import dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.tensors import ImageTensors
 from hjepa.eval.attentive import fit_attentive_probe
+from hjepa.eval.corruptions import CORRUPTIONS
 from hjepa.eval.features import encoder_features, pixel_features, pixel_tokens
 from hjepa.eval.linear import fit_linear_classifier, linear_probe
-from hjepa.eval.robust_eval import accuracy_table, corrupt_dataset, materialize
-from hjepa.eval.robustness import CORRUPTIONS
+from hjepa.eval.robustness_probe import accuracy_table, corrupt_dataset, materialize
 from hjepa.eval.runner import evaluate_run, format_table, load_run_config, probe
 from hjepa.eval.transfer import digits_split, match_channels
 from hjepa.experiments.report import eval_markdown

@@ -39,7 +39,7 @@ from hjepa.data.datasets import check_run_dataset, dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.subsets import fixed_subset
 from hjepa.device import pick_device
-from hjepa.eval import progress, robust_eval
+from hjepa.eval import progress, robustness_probe
 from hjepa.eval.attentive import fit_attentive_probe, level_token_sets
 from hjepa.eval.cache import (
     EVAL_KEYS,
@@ -333,7 +333,7 @@ class _Evaluator:
             work += encoder_pass + probes(feature_dims) + probes([pixel_dim]) + low_shot(pixel_dim)
             work += level_sets + attentive([(encoder.grid_size**2, patch)])
         if e.robustness:
-            corrupted = len(robust_eval.CORRUPTIONS) * len(robust_eval.SEVERITIES) + 1
+            corrupted = len(robustness_probe.CORRUPTIONS) * len(robustness_probe.SEVERITIES) + 1
             work += corrupted * (e.robustness_limit or n_te) * self.flops_per_image
         return work
 
@@ -611,8 +611,8 @@ def _robustness(run: _Run) -> None:
         )
     if run.cache is not None:
         run.cache.store_tensors("pixel_classifier", run.pixel_clf.state())
-    clean = robust_eval.materialize(ev.test_set, e.robustness_limit)
-    clean_acc, table = robust_eval.accuracy_table(
+    clean = robustness_probe.materialize(ev.test_set, e.robustness_limit)
+    clean_acc, table = robustness_probe.accuracy_table(
         {
             "encoder": lambda ds: ev.encoder(run.encoder, ds)[0][best],
             "pixels": lambda ds: ev.pixels(ds)[0],
@@ -623,7 +623,7 @@ def _robustness(run: _Run) -> None:
     run.results["robustness"] = {
         "features": best,
         "images": len(clean),
-        **robust_eval.summarize(clean_acc, table, "encoder", "pixels"),
+        **robustness_probe.summarize(clean_acc, table, "encoder", "pixels"),
     }
     run.lap("robustness")
 

@@ -1,7 +1,7 @@
 """ImageNet-C-style robustness of a frozen encoder's linear probe, relative to raw pixels.
 
 A fixed subset of the test set (``eval.robustness_limit`` images, chosen by a fixed seed) is
-corrupted by every corruption of :mod:`hjepa.eval.robustness` at severities 1..5, at its native
+corrupted by every corruption of :mod:`hjepa.eval.corruptions` at severities 1..5, at its native
 resolution and re-quantised to uint8 (as ImageNet-C stores its images). Each feature set's
 linear classifier is fit once on *clean* training features and scored on each corrupted copy,
 giving the accuracy table :math:`acc_{s,c}`; the same is done for raw pixels. Reported are the
@@ -19,15 +19,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from hjepa.data.tensors import ImageTensors
-from hjepa.eval.features import iter_batches
-from hjepa.eval.linear import LinearClassifier
-from hjepa.eval.robustness import (
+from hjepa.eval.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
     corrupt,
     corruption_error,
     mean_corruption_accuracy,
 )
+from hjepa.eval.features import iter_batches
+from hjepa.eval.linear import LinearClassifier
 
 #: Images corrupted per call (bounds memory for large images; part of the seed schedule).
 CHUNK = 256
