@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from hjepa.eval.robustness import (
+from hjepa.eval.corruptions import (
     CORRUPTIONS,
     SEVERITY_PARAMS,
     corrupt,
