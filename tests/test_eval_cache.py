@@ -23,6 +23,7 @@ BASE = [
     "eval.low_shot_fractions=[0.2]",
     "eval.low_shot_seeds=[0]",
 ]
+NO_LOW_SHOT = [*BASE[:2], "eval.low_shot=false"]  # its settings would be refused without it
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_settings_outside_the_weights_change_the_key(tiny_run, tmp_path):
 
     import yaml
 
-    where = [*BASE, "eval.low_shot=false", "eval.linear=false", f"eval.cache_dir={tmp_path}"]
+    where = [*NO_LOW_SHOT, "eval.linear=false", f"eval.cache_dir={tmp_path}"]
     first = evaluate_run(tiny_run, overrides=where)
     other_run = tmp_path / "heads"
     shutil.copytree(tiny_run, other_run)
@@ -174,7 +175,7 @@ def test_settings_outside_the_weights_change_the_key(tiny_run, tmp_path):
 
 
 def test_threads_and_code_are_part_of_the_key(tiny_run, tmp_path):
-    where = [*BASE, "eval.low_shot=false", "eval.linear=false", f"eval.cache_dir={tmp_path}"]
+    where = [*NO_LOW_SHOT, "eval.linear=false", f"eval.cache_dir={tmp_path}"]
     threads = torch.get_num_threads()
     first = evaluate_run(tiny_run, overrides=where)["baseline_cache"]
     torch.set_num_threads(threads + 1)

@@ -6,7 +6,7 @@ added to a mode is tested without anyone writing its case.
 
 import pytest
 
-from hjepa.config import SCHEMA, ConfigError, Key, load_config
+from hjepa.config import SCHEMA, ConfigError, Key, from_stored, load_config
 from hjepa.train.sizes import warmup_steps
 
 GATED = [key for key in SCHEMA.values() if key.when is not None]
@@ -51,9 +51,20 @@ def _value_the_mode_accepts(key: Key) -> str:
 
 def test_the_schema_gates_the_keys_that_act_only_in_one_mode():
     names = {key.name for key in GATED}
-    assert len(GATED) == 28  # printed in the issue's report; a new gated key raises it
+    # 28 training keys and 8 eval keys when issue 28 closed (its report prints the count).
+    assert len(GATED) >= 36
     assert {"train.ema_start", "loss.vicreg_weight", "loss.contrastive_temperature"} <= names
     assert {"loss.sigreg_slices", "data.multicrop.weight", "optim.start_lr"} <= names
+    assert {name for name in names if name.startswith("eval.")} == {
+        "eval.low_shot_fractions",
+        "eval.low_shot_seeds",
+        "eval.attentive_epochs",
+        "eval.attentive_lrs",
+        "eval.attentive_weight_decays",
+        "eval.robustness_limit",
+        "eval.cache",
+        "eval.cache_dir",
+    }
 
 
 @pytest.mark.parametrize("key", GATED, ids=lambda k: k.name)
@@ -122,3 +133,31 @@ def test_a_warmup_longer_than_an_epoch_counted_run_is_refused_against_its_length
     assert warmup_steps(cfg, total=50) == 50
     with pytest.raises(ConfigError, match=r"warmup_steps=50 is longer than the run \(49 steps\)"):
         warmup_steps(cfg, total=49)
+
+
+def _stored(*overrides: str) -> dict:
+    """A run's config.yaml as ``hjepa eval`` reads it."""
+    return _load(*overrides).to_dict()
+
+
+def test_an_eval_override_its_mode_ignores_is_refused_on_top_of_a_stored_run():
+    stored = _stored("eval.robustness=false")  # quickstart's choice
+    with pytest.raises(ConfigError, match="eval.robustness_limit=500 has no effect with eval.robu"):
+        from_stored(stored, ["eval.robustness_limit=500"])
+    cfg = from_stored(stored, ["eval.robustness=true", "eval.robustness_limit=500"])
+    assert (cfg.eval.robustness, cfg.eval.robustness_limit) == (True, 500)
+    with pytest.raises(ConfigError, match=r"eval.attentive_lrs=\[0.1\] has no effect with eval"):
+        from_stored(stored, ["eval.attentive=false", "eval.attentive_lrs=[0.1]"])
+
+
+def test_a_stored_value_counts_as_a_default_when_hjepa_eval_switches_its_mode_off():
+    # A run trained with 8 attentive epochs: evaluating it without the attentive probe is a
+    # choice about this evaluation, not a no-op the user typed.
+    stored = _stored("eval.attentive_epochs=8")
+    assert from_stored(stored, ["eval.attentive=false"]).eval.attentive_epochs == 8
+    # A run written before the rule, its mode off and the key set, still loads as written.
+    stored["eval"] |= {"attentive": False}
+    assert from_stored(stored).eval.attentive_epochs == 8
+    # Only the overrides' own keys count: the model stays the run's.
+    with pytest.raises(ConfigError, match=r"accepts only eval.\* overrides"):
+        from_stored(stored, ["model.depth=3"])

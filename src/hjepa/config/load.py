@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hjepa.config.rules import validate
+from hjepa.config.rules import check_modes, validate
 from hjepa.config.schema import SCHEMA, Config, ConfigError, valid_keys
 
 
@@ -280,6 +281,32 @@ def from_dict(tree: dict[str, Any]) -> Config:
     for key, value in _flatten(tree).items():
         _set(cfg, key, value)
     validate(cfg, stored=True)
+    return cfg
+
+
+def from_stored(
+    tree: dict[str, Any], overrides: Sequence[str] = (), allowed: Sequence[str] = ("eval.",)
+) -> Config:
+    """A run's stored config (``tree``) with ``key=value`` overrides of the keys a command may
+    change (``allowed``: exact keys or ``section.`` prefixes; the model is fixed by the run).
+
+    The stored values count as the defaults of :func:`check_modes`: an override that the mode
+    it leaves ignores is refused (``eval.robustness_limit=500`` with ``eval.robustness=false``),
+    a stored value is not.
+    """
+    stored = _flatten(tree)
+    cfg = from_dict(tree)
+    for item in overrides:
+        key, value = parse_override(item)
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+            raise ConfigError(
+                f"this command accepts only {names} overrides (the model is fixed by the run), "
+                f"got '{key}'"
+            )
+        _set(cfg, key, value)
+    validate(cfg, stored=True)
+    check_modes(cfg, presets=stored)
     return cfg
 
 

@@ -120,3 +120,34 @@ IMAGE_FOLDER = Mode(
     off=("data.name=fashion_mnist",),
     on=("data.name=image_folder",),
 )
+LOW_SHOT = Mode(
+    lambda c: c.eval.low_shot,
+    lambda c: "eval.low_shot=false",
+    "set eval.low_shot=true",
+    off=("eval.low_shot=false",),
+)
+ATTENTIVE_PROBE = Mode(
+    lambda c: c.eval.attentive,
+    lambda c: "eval.attentive=false",
+    "set eval.attentive=true",
+    off=("eval.attentive=false",),
+)
+ROBUSTNESS = Mode(
+    lambda c: c.eval.robustness,
+    lambda c: "eval.robustness=false",
+    "set eval.robustness=true",
+    off=("eval.robustness=false",),
+    on=("eval.robustness=true",),
+)
+CACHED_WORK = Mode(  # what the baseline cache holds: the baselines, robustness's pixel probe
+    lambda c: c.eval.baselines or c.eval.robustness,
+    lambda c: "eval.baselines=false and eval.robustness=false",
+    "set eval.baselines=true or eval.robustness=true",
+    off=("eval.baselines=false", "eval.robustness=false"),
+)
+BASELINE_CACHE = Mode(
+    lambda c: c.eval.cache and (c.eval.baselines or c.eval.robustness),
+    lambda c: "eval.cache=false" if not c.eval.cache else CACHED_WORK.state(c),
+    "set eval.cache=true with eval.baselines or eval.robustness on",
+    off=("eval.cache=false",),
+)

@@ -136,7 +136,30 @@ def validate(cfg: Config, *, stored: bool = False, presets: dict[str, Any] | Non
         if value not in options:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(options)}")
     _check_numbers(cfg, stored)  # first: later checks divide by these
-    m, t, d = cfg.model, cfg.train, cfg.data
+    _validate_model(cfg)
+    t = cfg.train
+    if t.batch_size % t.accum_steps:
+        raise ConfigError("train.batch_size must be a positive multiple of train.accum_steps")
+    if t.epochs < 1 and t.max_steps < 1:
+        raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
+    if t.ema_start > t.ema_end:
+        raise ConfigError("need 0 <= train.ema_start <= train.ema_end <= 1")
+    if t.device == "cpu" and t.precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    _check_masks_feasible(cfg)
+    _validate_data(cfg, stored)
+    _validate_run(cfg, stored)
+    _validate_eval(cfg.eval)
+    _validate_encoder_options(cfg)
+    _validate_regularizers(cfg)
+    _validate_schedules(cfg)
+    if not stored:  # a stored config is read as written (runs from before these checks)
+        check_modes(cfg, presets or {})
+
+
+def _validate_model(cfg: Config) -> None:
+    """The token grid, the levels it pools to, head widths and one loss weight per level."""
+    m, d = cfg.model, cfg.data
     if d.image_size % m.patch_size:
         raise ConfigError(
             f"data.image_size={d.image_size} must be a multiple of model.patch_size={m.patch_size}"
@@ -164,23 +187,6 @@ def validate(cfg: Config, *, stored: bool = False, presets: dict[str, Any] | Non
             f"loss.level_weights has {len(cfg.loss.level_weights)} entries but model.levels="
             f"{m.levels}: give one weight per level"
         )
-    if t.batch_size % t.accum_steps:
-        raise ConfigError("train.batch_size must be a positive multiple of train.accum_steps")
-    if t.epochs < 1 and t.max_steps < 1:
-        raise ConfigError("set train.epochs >= 1 or train.max_steps >= 1")
-    if t.ema_start > t.ema_end:
-        raise ConfigError("need 0 <= train.ema_start <= train.ema_end <= 1")
-    if t.device == "cpu" and t.precision == "fp16":
-        raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-    _check_masks_feasible(cfg)
-    _validate_data(cfg, stored)
-    _validate_run(cfg, stored)
-    _validate_eval(cfg.eval)
-    _validate_encoder_options(cfg)
-    _validate_regularizers(cfg)
-    _validate_schedules(cfg)
-    if not stored:  # a stored config is read as written (runs from before these checks)
-        check_modes(cfg, presets or {})
 
 
 def check_modes(cfg: Config, presets: dict[str, Any] | None = None) -> None:
@@ -199,6 +205,9 @@ def check_modes(cfg: Config, presets: dict[str, Any] | None = None) -> None:
 
 
 def _show(value: Any) -> str:
+    """``value`` as a ``key=value`` override writes it: ``[0.1, 0.2]``, ``false``, ``0.001``."""
+    if isinstance(value, bool):
+        return str(value).lower()
     return (
         f"[{', '.join(map(number_text, value))}]" if isinstance(value, list) else number_text(value)
     )

@@ -15,11 +15,16 @@ from typing import Any, Literal
 
 from hjepa.config.modes import (
     ANY_SIGREG,
+    ATTENTIVE_PROBE,
+    BASELINE_CACHE,
+    CACHED_WORK,
     CONTRAST,
     EMA_TARGET,
     FILES,
     IMAGE_FOLDER,
+    LOW_SHOT,
     MULTICROP,
+    ROBUSTNESS,
     SHARED_TARGET,
     SYNTHETIC,
     THREE_AUGMENT,
@@ -501,28 +506,49 @@ class EvalConfig:
     baselines: bool = setting(True, "also probe raw pixels and a randomly initialised encoder")
     low_shot: bool = setting(True, "linear probes on class-balanced fractions of the labels")
     low_shot_fractions: list[float] = setting(
-        [0.01, 0.1], "label fractions of the low-shot probes", gt=0.0, le=1.0, nonempty=True
+        [0.01, 0.1],
+        "label fractions of the low-shot probes",
+        gt=0.0,
+        le=1.0,
+        nonempty=True,
+        when=LOW_SHOT,
     )
     low_shot_seeds: list[int] = setting(
-        [0, 1, 2], "seeds of the low-shot label draws", nonempty=True
+        [0, 1, 2], "seeds of the low-shot label draws", nonempty=True, when=LOW_SHOT
     )
     attentive: bool = setting(
         True, "attentive probe (V-JEPA: a learned query cross-attends to the frozen tokens)"
     )
-    attentive_epochs: int = setting(4, "epochs of every attentive probe", ge=1)
+    attentive_epochs: int = setting(
+        4, "epochs of every attentive probe", ge=1, when=ATTENTIVE_PROBE
+    )
     attentive_lrs: list[float] = setting(
-        [0.01, 0.03], "AdamW learning rates the attentive probe chooses from", gt=0.0, nonempty=True
+        [0.01, 0.03],
+        "AdamW learning rates the attentive probe chooses from",
+        gt=0.0,
+        nonempty=True,
+        when=ATTENTIVE_PROBE,
     )
     attentive_weight_decays: list[float] = setting(
-        [0.05], "AdamW weight decays the attentive probe chooses from", ge=0.0, nonempty=True
+        [0.05],
+        "AdamW weight decays the attentive probe chooses from",
+        ge=0.0,
+        nonempty=True,
+        when=ATTENTIVE_PROBE,
     )
     robustness: bool = setting(True, "probe a corrupted test set (8 corruptions x 5 severities)")
-    robustness_limit: int = setting(2000, "test images corrupted (0: the whole test set)", ge=0)
+    robustness_limit: int = setting(
+        2000, "test images corrupted (0: the whole test set)", ge=0, when=ROBUSTNESS
+    )
     transfer: list[str] = setting([], "other datasets to probe: 'digits' or 'image_folder:PATH'")
     cache: bool = setting(
-        True, "reuse the baselines (pixels, random init) from a cache of earlier evaluations"
+        True,
+        "reuse the baselines (pixels, random init) from a cache of earlier evaluations",
+        when=CACHED_WORK,
     )
-    cache_dir: str = setting("", "folder of that cache ('': $HJEPA_CACHE_DIR or ~/.cache/hjepa)")
+    cache_dir: str = setting(
+        "", "folder of that cache ('': $HJEPA_CACHE_DIR or ~/.cache/hjepa)", when=BASELINE_CACHE
+    )
 
 
 @dataclass

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 import hjepa
 from hjepa import checkpoint as ckpt
-from hjepa.config import Config, ConfigError, from_dict, parse_override
+from hjepa.config import Config, from_stored
 from hjepa.data.datasets import check_run_dataset, dataset_from_config
 from hjepa.data.normalize import channel_stats
 from hjepa.data.subsets import fixed_subset
@@ -76,31 +76,13 @@ Features = tuple[dict[str, Tensor], Tensor]
 def load_run_config(
     run_dir: str | Path, overrides: Sequence[str] = (), allowed: Sequence[str] = ("eval.",)
 ) -> Config:
-    """The run's resolved config, with ``key=value`` overrides applied.
-
-    ``allowed``: the keys a command may override, exact or as a ``section.`` prefix (the model
-    is fixed by the run; ``hjepa eval`` takes ``eval.*`` only).
-    """
+    """The run's resolved config, with ``key=value`` overrides of the keys ``allowed`` (exact or
+    as a ``section.`` prefix; ``hjepa eval`` takes ``eval.*`` only): see
+    :func:`hjepa.config.from_stored`."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory of hjepa train?")
-    tree = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, value = parse_override(item)
-        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
-            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
-            raise ConfigError(
-                f"this command accepts only {names} overrides (the model is fixed by the run), "
-                f"got '{key}'"
-            )
-        *sections, name = key.split(".")
-        node = tree
-        for section in sections:
-            node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"unknown config key '{key}'")
-        node[name] = value
-    return from_dict(tree)
+    return from_stored(yaml.safe_load(path.read_text()) or {}, overrides, allowed)
 
 
 def load_target_encoder(
@@ -463,10 +445,8 @@ def _start(
 ) -> _Run:
     """The run's config and checkpoint, the encoder at its initialisation and trained, the
     header of ``eval.json``, the baseline cache entry and the progress bar."""
-    cfg = load_run_config(run_dir, overrides)
-    if baselines is not None:
-        cfg.eval.baselines = baselines
-    e = cfg.eval
+    switch = [] if baselines is None else [f"eval.baselines={str(baselines).lower()}"]
+    cfg = load_run_config(run_dir, [*overrides, *switch])  # checked like any override
     source = checkpoint_path(run_dir, checkpoint)
     state = ckpt.load_checkpoint(source)
     device = pick_device(cfg.train.device)
@@ -482,33 +462,45 @@ def _start(
         "run_dir": str(run_dir),
         "checkpoint": str(source),
         "step": int(state["step"]),
-        "eval": dict(vars(e)),
+        "eval": dict(vars(cfg.eval)),
     }
     if data_record is not None:  # an image folder: its classes and split (files: dataset.json)
         results["data"] = {k: v for k, v in data_record.items() if k != "test_files"}
-    # The baselines' numbers (and the pixel classifier robustness scores) from an earlier
-    # evaluation of the same data, architecture, seed and protocol.
+    cache, source_of_baselines = _find_baselines(cfg, ev, random_state, architecture, results)
+    show = cfg.run.progress if progress_bar is None else progress_bar
+    ev.progress = bar = EvalProgress(ev.planned_work(encoder, source_of_baselines.fresh), show)
+    best = best_features(cfg.model.levels)
+    run = _Run(cfg, ev, encoder, random_state, results, cache, source_of_baselines, bar, best)
+    run.clock = clock
+    return run
+
+
+def _find_baselines(
+    cfg: Config,
+    ev: _Evaluator,
+    random_state: dict[str, Tensor],
+    architecture: RecordedSection,
+    results: dict[str, Any],
+) -> tuple[BaselineCache | None, _Baselines]:
+    """The cache entry (recorded in ``results``) and where the baselines' numbers come from:
+    an earlier evaluation of the same data, architecture, seed and protocol, or this one. The
+    entry also keeps the pixel classifier the robustness stage scores."""
+    e = cfg.eval
     cache = (
-        _baseline_cache(cfg, ev, random_state, architecture.read, device)
+        _baseline_cache(cfg, ev, random_state, architecture.read, ev.device)
         if e.baselines or e.robustness
         else None
     )
     cached = cache.load() if cache is not None and e.baselines else None
     if cache is not None:
-        hit = cached is not None
         results["baseline_cache"] = {
             "key": cache.key,
             "dir": str(cache.dir),
-            "hit": hit,
+            "hit": cached is not None,
             "fields": cache.fields,
         }
     fresh = e.baselines and cached is None  # baselines computed (and cached) by this call
-    show = cfg.run.progress if progress_bar is None else progress_bar
-    ev.progress = bar = EvalProgress(ev.planned_work(encoder, fresh), show)
-    best = best_features(cfg.model.levels)
-    run = _Run(cfg, ev, encoder, random_state, results, cache, _Baselines(fresh, cached), bar, best)
-    run.clock = clock
-    return run
+    return cache, _Baselines(fresh, cached)
 
 
 def _pixels(run: _Run) -> None:
