@@ -96,10 +96,32 @@ def _viz(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from hjepa.data.check import describe_dataset
 
+    if args.name == "prepare":
+        return _prepare_shards(args)
+    if args.paths:
+        raise ValueError(f"hjepa data {args.name} takes no paths (only hjepa data prepare does)")
     report = describe_dataset(
         args.name, args.root, image_size=args.image_size, val_fraction=args.val_fraction
     )
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _prepare_shards(args: argparse.Namespace) -> int:
+    from hjepa.data.folder_index import DEFAULT_VAL_FRACTION
+    from hjepa.data.shards import prepare
+
+    if len(args.paths) != 2:
+        raise ValueError("usage: hjepa data prepare SRC DST (an image folder and a new folder)")
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    options = {"class_subset": args.class_subset, "shard_bytes": args.shard_mb << 20}
+    try:
+        manifest = prepare(*args.paths, val_fraction=fraction, **options)
+    except ImportError as missing:  # the one-line error of main(), with the pip command
+        raise ValueError(str(missing)) from missing
+    print(json.dumps({k: manifest[k] for k in ("format", "images", "class_subset")}, indent=2))
+    dst = args.paths[1]
+    print(f"wrote WebDataset shards to {dst}; train on them with data.root={dst}")
     return 0
 
 
@@ -265,8 +287,14 @@ def _add_viz(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="check that a dataset can be read and count it")
-    p.add_argument("name")
+    p = sub.add_parser(
+        "data",
+        help="check that a dataset can be read and count it; 'prepare SRC DST' writes shards",
+    )
+    p.add_argument("name", help="a dataset name, or 'prepare' to shard an image folder")
+    p.add_argument("paths", nargs="*", help="prepare: SRC (image folder) and DST (new folder)")
+    p.add_argument("--class-subset", default=None, help="prepare: data.class_subset of SRC")
+    p.add_argument("--shard-mb", type=int, default=1024, help="prepare: megabytes per shard")
     p.add_argument("--root", default=None)
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument(

@@ -317,6 +317,11 @@ class DataConfig:
         le=0.5,
         when=IMAGE_FOLDER,
     )
+    decoder: Literal["pillow", "simplejpeg"] = setting(
+        "pillow",
+        "image_folder only: JPEG decoder (simplejpeg: pip install 'hjepa[fastjpeg]')",
+        when=IMAGE_FOLDER,
+    )
     crop_scale: list[float] = setting(
         [0.3, 1.0],
         "range of the random crop's area as a fraction of the image",

@@ -24,7 +24,7 @@ def unreadable_files(dataset: ImageFolder) -> list[str]:
 
     def fails(index: int) -> bool:
         try:
-            dataset.load(dataset.path(index))
+            dataset.load(dataset.source(index))
         except DECODE_ERRORS:
             return True
         return False

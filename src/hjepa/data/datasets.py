@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from hjepa.checkpoint import atomic_write
 from hjepa.config import CHOICES, Config, ConfigError
 from hjepa.data.cifar import load_cifar
+from hjepa.data.decode import RandomResizedCrop
 from hjepa.data.fashion_mnist import load_fashion_mnist
 from hjepa.data.folder_index import DEFAULT_VAL_FRACTION, record_difference
 from hjepa.data.image_folder import ImageFolder
@@ -40,6 +41,8 @@ def build_dataset(
     seed: int = 0,
     class_subset: str | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    decoder: str = "pillow",
+    train_crop: RandomResizedCrop | None = None,
 ) -> Dataset:
     """Build one split of a named dataset.
 
@@ -62,15 +65,20 @@ def build_dataset(
             names, one per line.
         val_fraction: ``image_folder`` without ``val/`` only: the share of each class held
             out as the test split (:mod:`hjepa.data.folder_index`).
+        decoder, train_crop: ``image_folder`` only: the JPEG decoder and the training view's
+            random resized crop from the whole image (:mod:`hjepa.data.image_folder`).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if class_subset is not None and name != "image_folder":
-        raise ValueError(
-            f"class_subset applies only to data.name=image_folder, not {name!r}; unset it"
-        )
+    folder_only = {"class_subset": class_subset, "train_crop": train_crop}
+    folder_only["decoder"] = None if decoder == "pillow" else decoder
+    for option, value in folder_only.items():
+        if value is not None and name != "image_folder":
+            raise ValueError(
+                f"{option} applies only to data.name=image_folder, not {name!r}; unset it"
+            )
     if name == "fashion_mnist":
         return load_fashion_mnist(root, split)
     if name in ("cifar10", "cifar100"):
@@ -82,6 +90,7 @@ def build_dataset(
                 "and val/<class>/*.jpg (ImageNet layout)"
             )
         folder = {"class_subset": class_subset, "val_fraction": val_fraction}
+        folder |= {"decoder": decoder, "train_crop": train_crop}
         return ImageFolder(root, split, image_size=image_size, channels=channels, **folder)
     return _synthetic(split, image_size, channels or 1, synthetic_size, seed)
 
@@ -96,8 +105,16 @@ def _synthetic(split: str, image_size: int, channels: int, size: int, seed: int)
 
 
 def dataset_from_config(cfg: Config, split: str) -> Dataset:
-    """One split of the dataset a run's config names (``data.*`` and ``train.seed``)."""
+    """One split of the dataset a run's config names (``data.*`` and ``train.seed``). An image
+    folder's training split also serves the training view (``data.crop_scale``,
+    ``data.crop_ratio``, ``data.hflip``) to :class:`~hjepa.data.image_folder.CropKey` s."""
     d = cfg.data
+    folder = {}
+    if d.name == "image_folder":
+        folder["decoder"] = d.decoder
+        if split == "train":
+            crop = (tuple(d.crop_scale), tuple(d.crop_ratio), d.hflip)
+            folder["train_crop"] = RandomResizedCrop(*crop)
     return build_dataset(
         d.name,
         d.root or None,
@@ -108,6 +125,7 @@ def dataset_from_config(cfg: Config, split: str) -> Dataset:
         seed=cfg.train.seed,
         class_subset=d.class_subset or None,
         val_fraction=d.val_fraction,
+        **folder,
     )
 
 
