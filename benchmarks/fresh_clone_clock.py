@@ -12,7 +12,7 @@ official step runs 150 img/s") can be scaled to that minute.
 
 Writes ``DIR/timing.json`` (phases in seconds, the official step's img/s, the budget scaled to
 it, the commit, load averages before and after) and copies the run's ``config.yaml``,
-``metrics.jsonl``, ``eval.json`` and ``report.md`` beside it.
+``metrics.jsonl``, ``eval.json`` and the time-stamped ``trace.log`` beside it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def official_img_s(ijepa: Path, threads: int) -> float:
         text=True,
         check=True,
     ).stdout
-    return float(json.loads(out)["images_per_s"]["official"]["model"])
+    report = json.loads(out[out.index("{") :])  # anything printed before the report is skipped
+    return float(report["images_per_s"]["official"]["model"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         # Keep what the run wrote before anything below can fail.
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy(clone / "trace.log", args.out / "trace.log")
-        for name in ("config.yaml", "metrics.jsonl", "eval.json", "report.md"):
+        for name in ("config.yaml", "metrics.jsonl", "eval.json"):  # report.md links plots left out
             shutil.copy(clone / "runs" / "quickstart" / name, args.out / name)
         if args.keep_run:
             shutil.copytree(clone / "runs" / "quickstart", args.keep_run)
