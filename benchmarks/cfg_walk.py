@@ -14,8 +14,8 @@ The method (issue 28), measured, not read by eye:
    ``Config`` or one of its sections (``cfg.model``, ``cfg.train``, ...), or an hjepa object
    that holds one as an attribute (a method of an object built with ``self.cfg = cfg``); the
    ``whole_config`` count takes only the whole ``Config``, not a section. The config
-   package's own functions (``hjepa/config``: the object's methods and checks) are where the config lives,
-   not where it travels: they are counted apart, as ``config_calls``.
+   package's own functions (``hjepa/config``: the object's methods and checks) are where the
+   config lives, not where it travels: they are counted apart, as ``config_calls``.
 3. The calls form a calling-context tree: a function called again from the same chain of
    callers (every step, every epoch) is one node. The reader walks it depth first, entering a
    callee's file and returning to the caller's file when the callee's subtree is done.
@@ -40,7 +40,6 @@ import json
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hjepa
@@ -64,13 +63,12 @@ def layer_of(file: str) -> str:
     return file.split("/", 1)[0].removesuffix(".py")
 
 
-@dataclass
 class Node:
     """One calling context: ``file`` and ``function`` reached through the chain above it."""
 
-    file: str
-    function: str
-    children: dict[tuple[str, str], Node] = field(default_factory=dict)
+    def __init__(self, file: str, function: str):
+        self.file, self.function = file, function
+        self.children: dict[tuple[str, str], Node] = {}
 
     def child(self, file: str, function: str) -> Node:
         return self.children.setdefault((file, function), Node(file, function))
