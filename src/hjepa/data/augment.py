@@ -18,6 +18,7 @@ output position ``(u, v)``. ``w = h = 1``, ``c = 0`` is the identity.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -59,9 +60,16 @@ def to_float(
         )
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {tuple(std)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_values(tuple(mean), x.device), _channel_values(tuple(std), x.device)
     return (x.float() / 255.0 - m) / s
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``[1, C, 1, 1]`` float32 on ``device``, built once: a tensor made from host values every
+    step would be a blocking host-to-device copy every step."""
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 def sample_crop_boxes(
@@ -212,6 +220,9 @@ class BatchAugment:
         boxes = sample_crop_boxes(n, x.shape[2], x.shape[3], self.scale, self.ratio, generator)
         flip = _rand((n,), generator) < self.flip_prob
         boxes, flip = boxes[rank::world], flip[rank::world]
+        if x.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
+            boxes = boxes.pin_memory().to(x.device, non_blocking=True)
+            flip = flip.pin_memory().to(x.device, non_blocking=True)
         return crop_resize(to_float(x, self.mean, self.std), boxes, self.out_size, flip)
 
     def __repr__(self) -> str:

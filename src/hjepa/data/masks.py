@@ -172,12 +172,16 @@ class MultiBlockMaskSampler:
             return self.target_scale
         return self.rule.scale(self.target_scale, level)
 
+    def block_shape(self, scale: float, aspect: float) -> tuple[int, int]:
+        """``(h, w)`` of a block of area fraction ``scale`` and aspect ``aspect`` (h / w)."""
+        area = scale * self.grid_size**2
+        return block_side(area * aspect, self.grid_size), block_side(area / aspect, self.grid_size)
+
     def _block_size(self, scale, aspect, generator: torch.Generator) -> tuple[int, int]:
         u_scale, u_aspect = torch.rand(2, generator=generator).tolist()
         s = scale[0] + u_scale * (scale[1] - scale[0])
         a = aspect[0] + u_aspect * (aspect[1] - aspect[0])
-        area = s * self.grid_size**2
-        return block_side(area * a, self.grid_size), block_side(area / a, self.grid_size)
+        return self.block_shape(s, a)
 
     def _blocks(self, batch: int, count: int, size, generator: torch.Generator) -> Tensor:
         """``[batch, count, N]`` blocks of ``size = (h, w)``, top-left uniform over all offsets."""

@@ -49,6 +49,7 @@ from hjepa.losses.prediction import prediction_loss
 from hjepa.losses.sigreg import SIGReg
 from hjepa.losses.vicreg import VICReg
 from hjepa.models.hierarchy import cell_of_token, masked_cell_mean
+from hjepa.models.hjepa import token_mean
 
 if TYPE_CHECKING:
     from hjepa.config import Config, LossConfig
@@ -63,16 +64,29 @@ def context_cells(context: Tensor, index: Tensor, grid_size: int, level: int) ->
     level-``level`` cell holding at least one of them: ``[cells, D]`` (level 0: the tokens).
 
     The number of non-empty cells varies per image, so selecting them reads it back to the
-    host once.
+    host: the objective uses :func:`weighted_context_cells` instead.
     """
+    means, present = weighted_context_cells(context, index, grid_size, level)
+    return means if present is None else means[present > 0]
+
+
+def weighted_context_cells(
+    context: Tensor, index: Tensor, grid_size: int, level: int, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Every level-``level`` cell's mean of the context tokens in it, ``[B * cells, D]``, and
+    its weight, 1 where the cell holds a (``valid``) token and 0 where it holds none: a fixed
+    shape, so no count is read back. Level 0: the tokens, weighted by ``valid``."""
     if level == 0:
-        return context.flatten(0, 1)
-    means = masked_cell_mean(context.unsqueeze(1), index.unsqueeze(1), grid_size, level)[:, 0]
+        weight = None if valid is None else valid.flatten().to(context.dtype)
+        return context.flatten(0, 1), weight
+    rows = None if valid is None else valid.unsqueeze(1)
+    means = masked_cell_mean(context.unsqueeze(1), index.unsqueeze(1), grid_size, level, rows)
     cells = level_grid(grid_size, level) ** 2
     cell = cell_of_token(grid_size, level, index.device)[index]  # [B, Nc]
-    present = torch.zeros(index.shape[0], cells, dtype=torch.bool, device=index.device)
-    present[torch.arange(index.shape[0], device=index.device).unsqueeze(1), cell] = True
-    return means[present]
+    tokens = torch.ones_like(index, dtype=context.dtype) if valid is None else valid
+    counts = context.new_zeros(index.shape[0], cells)
+    counts.scatter_add_(1, cell, tokens.to(context.dtype))
+    return means[:, 0].flatten(0, 1), (counts > 0).flatten().to(context.dtype)
 
 
 class Objective(nn.Module):
@@ -167,28 +181,36 @@ class Objective(nn.Module):
     def term_names(self) -> list[str]:
         return list(self.weights)
 
-    def sigreg_inputs(self, out: JEPAOutput) -> list[Tensor]:
-        """The ``[N, D]`` embedding sets SIGReg sees (its value is their mean statistic)."""
+    def sigreg_inputs(self, out: JEPAOutput) -> list[tuple[Tensor, Tensor | None]]:
+        """The ``[N, D]`` embedding sets SIGReg sees (its value is their mean statistic), each
+        with its points' weights ``[N]`` (0 at padding and empty cells; None: all count)."""
         if self.loss.regularize_on == "context":
-            return [out.context.flatten(0, 1)]
+            valid = out.context_valid
+            return [(out.context.flatten(0, 1), None if valid is None else valid.flatten())]
         if self.loss.regularize_on == "predictor":
-            return [p.flatten(0, -2) for p in out.predictions]
+            valid = out.target_valid or [None] * len(out.predictions)
+            return [
+                (p.flatten(0, -2), None if v is None else v.flatten())
+                for p, v in zip(out.predictions, valid)
+            ]
         if out.context_index is None:
             raise ValueError("regularize_on='pooled' needs the context indices in the output")
         return [
-            context_cells(out.context, out.context_index, self.grid_size, lvl)
+            weighted_context_cells(
+                out.context, out.context_index, self.grid_size, lvl, out.context_valid
+            )
             for lvl in range(len(out.predictions))
         ]
 
     def forward(self, out: JEPAOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions."""
         total, per_level = prediction_loss(
-            out.predictions, out.targets, self.level_weights, self.loss.distance
+            out.predictions, out.targets, self.level_weights, self.loss.distance, out.target_valid
         )
         terms = {f"loss_level{i}": term for i, term in enumerate(per_level)}
         if self.sigreg is not None:
             sets = self.sigreg_inputs(out)
-            terms["sigreg"] = sum(self.sigreg(z, step=step) for z in sets) / len(sets)
+            terms["sigreg"] = sum(self.sigreg(z, step=step, weights=w) for z, w in sets) / len(sets)
             total = total + self.loss.sigreg_weight * terms["sigreg"]
         if self.needs_two_views and out.pooled_views is None:
             raise ValueError(
@@ -220,7 +242,7 @@ class Objective(nn.Module):
                 raise ValueError("loss.view_sigreg needs the local crops' pooled embeddings")
             local = out.pooled_local.float()
             views = [
-                out.context.mean(dim=1).float(),
+                token_mean(out.context, out.context_valid).float(),
                 *local.chunk(local.shape[0] // out.context.shape[0]),
             ]
             terms["view_sigreg"] = sum(self.view_sigreg(z, step=step) for z in views) / len(views)
@@ -228,4 +250,4 @@ class Objective(nn.Module):
         return total, terms
 
 
-__all__ = ["Objective", "context_cells", "REGULARIZERS", "REGULARIZE_ON"]
+__all__ = ["Objective", "context_cells", "weighted_context_cells", "REGULARIZERS", "REGULARIZE_ON"]

@@ -310,12 +310,16 @@ class _Basis:
             yield start, basis[:, :split], basis[:, split:]
 
 
-def _trig_sums(x_cols: Tensor, layout: _Layout, basis: _Basis) -> Tensor:
+def _trig_sums(
+    x_cols: Tensor, layout: _Layout, basis: _Basis, weights: Tensor | None = None
+) -> Tensor:
     r"""Products :math:`[\cos aB\theta; \sin aB\theta][\cos b\theta; \sin b\theta]^\top`
-    summed over samples, flattened: ``[K, 4AB]`` (map them to frequencies with ``pairing``)."""
+    summed over samples (times their ``weights [N]``, when given), flattened: ``[K, 4AB]``
+    (map them to frequencies with ``pairing``)."""
     outer, inner = layout.outer, layout.inner
     prod = x_cols.new_empty(x_cols.shape[0], 2 * outer, 2 * inner)
     for start, left, right in basis:
+        left = left if weights is None else left * weights
         torch.bmm(left, right.mT, out=prod[start : start + left.shape[0]])
     return prod.flatten(1)
 
@@ -346,7 +350,13 @@ class _EppsPulley(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x_cols: Tensor, num_points: int, t_max: float, distributed: bool, evaluation: str
+        ctx,
+        x_cols: Tensor,
+        num_points: int,
+        t_max: float,
+        distributed: bool,
+        evaluation: str,
+        weights: Tensor | None = None,
     ) -> Tensor:
         with _full_precision(x_cols.device):
             square = evaluation == "powers"
@@ -354,14 +364,18 @@ class _EppsPulley(torch.autograd.Function):
             rows = 2 * (layout.outer + layout.inner)
             keep = x_cols.requires_grad and x_cols.numel() * rows <= _SAVED_BASIS_ELEMENTS
             basis = _Basis(x_cols, layout, evaluation, keep=keep)
-            products = _trig_sums(x_cols, layout, basis)
+            products = _trig_sums(x_cols, layout, basis, weights)
             if distributed:
                 # One collective for the sums and the sample count (shards may differ in size).
                 sums = products @ layout.pairing.mT
-                packed = torch.cat((sums.flatten(), sums.new_tensor([x_cols.shape[1]])))
+                n = sums.new_tensor([x_cols.shape[1]]) if weights is None else weights.sum()[None]
+                packed = torch.cat((sums.flatten(), n))
                 dist.all_reduce(packed)
                 count = packed[-1]
                 deviations = packed[:-1].view_as(sums) / count - layout.target
+            elif weights is not None:  # a weighted count: a tensor, never read back
+                count = weights.sum()
+                deviations = (products @ layout.pairing.mT) / count - layout.target
             else:
                 count = x_cols.shape[1]
                 # [c_j - phi_j, s_j]: empirical minus Gaussian characteristic function
@@ -369,14 +383,14 @@ class _EppsPulley(torch.autograd.Function):
                     layout.target, products, layout.pairing.mT, beta=-1, alpha=1 / count
                 )
             statistic = torch.mv(deviations.square(), layout.weights).mul_(count)
-        ctx.save_for_backward(x_cols, deviations, basis.table)
+        ctx.save_for_backward(x_cols, deviations, basis.table, weights)
         ctx.layout, ctx.distributed, ctx.evaluation = layout, distributed, evaluation
         return statistic
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        x_cols, deviations, table = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        x_cols, deviations, table, weights = ctx.saved_tensors
         with _full_precision(x_cols.device):
             if ctx.distributed:
                 grad = grad.clone()
@@ -384,7 +398,10 @@ class _EppsPulley(torch.autograd.Function):
             # d EP / d x_n = sum_j 2 w_j t_j [s_j cos(t_j x_n) - (c_j - phi_j) sin(t_j x_n)]
             mix = (deviations * grad.unsqueeze(1)) @ ctx.layout.gradient
             basis = _Basis(x_cols, ctx.layout, ctx.evaluation, saved=table)
-            return _trig_combination(x_cols, ctx.layout, mix, basis), None, None, None, None
+            grad_x = _trig_combination(x_cols, ctx.layout, mix, basis)
+            if weights is not None:
+                grad_x = grad_x * weights
+            return grad_x, None, None, None, None, None
 
 
 def epps_pulley(
@@ -394,6 +411,7 @@ def epps_pulley(
     *,
     distributed: bool = False,
     evaluation: str = "table",
+    weights: Tensor | None = None,
 ) -> Tensor:
     r"""Epps–Pulley normality statistic of each column of ``x`` (see the module docstring).
 
@@ -409,6 +427,9 @@ def epps_pulley(
             :math:`\Delta t\,x` and :math:`B\Delta t\,x` only, the others by complex products:
             faster, the same value up to float32 rounding; see the module docstring).
 
+        weights: ``[N]`` per sample (0 leaves a padded or empty one out; the count is their
+            sum), or None: every sample counts once.
+
     Returns:
         ``[K]`` statistics, about 1.05 each for standard Gaussian columns.
     """
@@ -417,7 +438,9 @@ def epps_pulley(
     _check_evaluation(evaluation)
     x = _compute_dtype(x)
     sync = distributed and is_distributed()
-    return _EppsPulley.apply(x.mT.contiguous(), num_points, float(t_max), sync, evaluation)
+    if weights is not None:
+        weights = weights.to(x.dtype)
+    return _EppsPulley.apply(x.mT.contiguous(), num_points, float(t_max), sync, evaluation, weights)
 
 
 def epps_pulley_reference(x: Tensor, num_points: int = 17, t_max: float = 3.0) -> Tensor:
@@ -614,8 +637,13 @@ class SIGReg(nn.Module):
         )
 
     def forward(
-        self, z: Tensor, directions: Tensor | None = None, step: int | None = None
+        self,
+        z: Tensor,
+        directions: Tensor | None = None,
+        step: int | None = None,
+        weights: Tensor | None = None,
     ) -> Tensor:
+        """SIGReg of the embeddings ``z [N, D]``; ``weights [N]``: 0 leaves a point out."""
         if z.ndim != 2:
             raise ValueError(
                 f"SIGReg expects embeddings [N, D], got shape {tuple(z.shape)}; "
@@ -645,4 +673,5 @@ class SIGReg(nn.Module):
                 self.t_max,
                 distributed=self.distributed,
                 evaluation=self.evaluation,
+                weights=weights,
             ).mean()

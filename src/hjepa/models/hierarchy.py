@@ -36,12 +36,15 @@ def pool_tokens(tokens: Tensor, grid_size: int, level: int) -> Tensor:
     return F.avg_pool2d(grid, s, s, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
-def masked_cell_mean(values: Tensor, token_index: Tensor, grid_size: int, level: int) -> Tensor:
+def masked_cell_mean(
+    values: Tensor, token_index: Tensor, grid_size: int, level: int, valid: Tensor | None = None
+) -> Tensor:
     """Average level-0 values into level-``l`` cells, counting only the tokens present.
 
     Args:
         values: ``[B, M, K, D]`` values at level-0 tokens.
         token_index: ``[B, M, K]`` their level-0 grid indices.
+        valid: ``[B, M, K]`` bool, False at padding (left out), or None.
 
     Returns:
         ``[B, M, g*g, D]``: per cell, the mean of the values of its present tokens (0 if none).
@@ -51,28 +54,37 @@ def masked_cell_mean(values: Tensor, token_index: Tensor, grid_size: int, level:
     b, m, k, d = values.shape
     g2 = level_grid(grid_size, level) ** 2
     cell = cell_of_token(grid_size, level, values.device)[token_index]  # [B, M, K]
+    weight = values.new_ones(b, m, k) if valid is None else valid.to(values.dtype)
+    if valid is not None:
+        values = values * weight.unsqueeze(-1)
     sums = values.new_zeros(b, m, g2, d).scatter_add_(
         2, cell.unsqueeze(-1).expand(-1, -1, -1, d), values
     )
-    counts = values.new_zeros(b, m, g2).scatter_add_(2, cell, values.new_ones(b, m, k))
+    counts = values.new_zeros(b, m, g2).scatter_add_(2, cell, weight)
     return sums / counts.clamp_min(1).unsqueeze(-1)
 
 
-def scatter_level0(values: Tensor, token_index: Tensor, grid_size: int) -> Tensor:
+def scatter_level0(
+    values: Tensor, token_index: Tensor, grid_size: int, valid: Tensor | None = None
+) -> Tensor:
     """``values [B, M, K, D]`` at level-0 tokens ``token_index [B, M, K]`` -> dense
-    ``[B, M, G*G, D]`` grid, zeros where no value was given."""
+    ``[B, M, G*G, D]`` grid, zeros where no value was given. ``valid [B, M, K]``: False at
+    padding, whose index repeats a real token's: it adds zero there."""
     b, m, _, d = values.shape
     dense = values.new_zeros(b, m, grid_size * grid_size, d)
-    return dense.scatter(2, token_index.unsqueeze(-1).expand(-1, -1, -1, d), values)
+    index = token_index.unsqueeze(-1).expand(-1, -1, -1, d)
+    if valid is None:
+        return dense.scatter(2, index, values)
+    return dense.scatter_add(2, index, values * valid.unsqueeze(-1).to(values.dtype))
 
 
 def prediction_pyramid(
-    values: Tensor, token_index: Tensor, grid_size: int, levels: int
+    values: Tensor, token_index: Tensor, grid_size: int, levels: int, valid: Tensor | None = None
 ) -> list[Tensor]:
     """Dense per-level grids ``[B, M, g_l*g_l, D]`` of level-0 predictions: level 0 scattered to
     its tokens, level ``l >= 1`` the mask-aware cell means of :func:`masked_cell_mean`."""
-    return [scatter_level0(values, token_index, grid_size)] + [
-        masked_cell_mean(values, token_index, grid_size, lvl) for lvl in range(1, levels)
+    return [scatter_level0(values, token_index, grid_size, valid)] + [
+        masked_cell_mean(values, token_index, grid_size, lvl, valid) for lvl in range(1, levels)
     ]
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hjepa.config import ModelConfig
+from hjepa.data.buckets import TokenBuckets, pad_to
 from hjepa.data.masks import MaskBatch, mask_to_index
 from hjepa.models.heads import ProjectionHead
 from hjepa.models.hierarchy import TopDownFPN, masked_cell_mean, pool_tokens, prediction_pyramid
@@ -43,6 +44,9 @@ class JEPAOutput:
     projected_views: tuple[Tensor, Tensor] | None = None
     # Multi-crop: each local crop's token mean [V*B, D] (view-major), before the projector
     pooled_local: Tensor | None = None
+    # Padded token counts (hjepa.data.buckets): False at padding, which every loss leaves out
+    context_valid: Tensor | None = None  # [B, Nc]
+    target_valid: list[Tensor] | None = None  # per level [B, M, K_l]
 
 
 @dataclass
@@ -58,6 +62,10 @@ class MaskIndices:
     context: Tensor  # [B, Nc] level-0 context token indices
     blocks: list[Tensor]  # per level: [B, M, Nt_l] level-0 token indices of its blocks
     cells: list[Tensor]  # per level: [B, M, K_l] target cells on the level-l grid
+    # Padded to bucket sizes (:meth:`padded`): False at padding. None: no padding.
+    context_valid: Tensor | None = None  # [B, Nc]
+    block_valid: list[Tensor] | None = None  # per level [B, M, Nt_l]
+    cell_valid: list[Tensor] | None = None  # per level [B, M, K_l]
 
     @classmethod
     def from_masks(cls, masks: MaskBatch) -> MaskIndices:
@@ -70,16 +78,48 @@ class MaskIndices:
         cells = [mask_to_index(t) for t in masks.level_targets]
         return cls(mask_to_index(masks.context), blocks, cells)
 
+    def padded(self, buckets: TokenBuckets) -> MaskIndices:
+        """Every index padded to its bucket size (:mod:`hjepa.data.buckets`), with the masks
+        of the real positions; a block tensor shared by levels stays shared."""
+        done: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def block(t: Tensor) -> tuple[Tensor, Tensor]:
+            if id(t) not in done:
+                done[id(t)] = pad_to(t, buckets.block_size(t.shape[-1]))
+            return done[id(t)]
+
+        context = pad_to(self.context, buckets.context_size(self.context.shape[-1]))
+        blocks = [block(b) for b in self.blocks]
+        cells = [pad_to(c, buckets.cell_size(i, c.shape[-1])) for i, c in enumerate(self.cells)]
+        return MaskIndices(
+            context[0],
+            [b for b, _ in blocks],
+            [c for c, _ in cells],
+            context[1],
+            [v for _, v in blocks],
+            [v for _, v in cells],
+        )
+
     def _map(self, fn) -> MaskIndices:
         done: dict[int, Tensor] = {}  # keeps shared tensors shared
 
-        def once(t: Tensor) -> Tensor:
+        def once(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
             if id(t) not in done:
                 done[id(t)] = fn(t)
             return done[id(t)]
 
+        def each(ts: list[Tensor] | None) -> list[Tensor] | None:
+            return None if ts is None else [once(t) for t in ts]
+
         return MaskIndices(
-            once(self.context), [once(b) for b in self.blocks], [once(c) for c in self.cells]
+            once(self.context),
+            each(self.blocks),
+            each(self.cells),
+            once(self.context_valid),
+            each(self.block_valid),
+            each(self.cell_valid),
         )
 
     def rows(self, rows: slice) -> MaskIndices:
@@ -273,7 +313,7 @@ class HJEPA(nn.Module):
         projections). All inside forward, so DDP sees every used parameter."""
         idx = masks if isinstance(masks, MaskIndices) else MaskIndices.from_masks(masks)
         targets_full = self.target_levels(images)
-        context = self.context_encoder(images, keep=idx.context)
+        context = self.context_encoder(images, keep=idx.context, keep_valid=idx.context_valid)
         predictions, targets = self._predict_levels(context, idx, targets_full)
         pooled = targets_full[0].mean(dim=1)
         view_loss = pooled_local = None
@@ -293,6 +333,8 @@ class HJEPA(nn.Module):
             pooled_views=pooled_views,
             projected_views=projected,
             pooled_local=pooled_local,
+            context_valid=idx.context_valid,
+            target_valid=idx.cell_valid,
         )
 
     def _predict_levels(
@@ -304,20 +346,24 @@ class HJEPA(nn.Module):
         fused: dict[int, list[Tensor]] = {}  # FPN outputs per predictor pass
         for lvl in range(self.levels):
             index = idx.blocks[lvl]
+            valid = None if idx.block_valid is None else idx.block_valid[lvl]
             # Constant mode shares the level-0 footprint: one predictor pass serves every level.
             if id(index) not in passes:
-                passes[id(index)] = self.predictor(context, idx.context, index)
+                passes[id(index)] = self.predictor(
+                    context, idx.context, index, idx.context_valid, valid
+                )
             raw = passes[id(index)]
             cells = idx.cells[lvl]  # [B, M, K_l]
             if self.fpn is not None:  # dense per-block grids, fused top-down, then gathered
                 if id(index) not in fused:
-                    pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels)
+                    pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels, valid)
                     fused[id(index)] = self.fpn(pyramid, self.grid_size)
                 pred = _gather_cells(fused[id(index)][lvl], cells)
             elif lvl == 0:
                 pred = raw
             else:
-                pred = _gather_cells(masked_cell_mean(raw, index, self.grid_size, lvl), cells)
+                means = masked_cell_mean(raw, index, self.grid_size, lvl, valid)
+                pred = _gather_cells(means, cells)
             pred = self.heads[lvl](pred)
             b = index.shape[0]
             target = gather_tokens(targets_full[lvl], cells.reshape(b, -1)).reshape(pred.shape)
@@ -333,13 +379,27 @@ class HJEPA(nn.Module):
         """The pooled embeddings of both views (and their contrastive projections). The second
         view keeps the first view's context positions: both embeddings are means over the same
         grid cells of two different crops of the image."""
-        second_context = self.context_encoder(second, keep=idx.context)
-        pooled_views = (context.mean(dim=1), second_context.mean(dim=1))
+        second_context = self.context_encoder(
+            second, keep=idx.context, keep_valid=idx.context_valid
+        )
+        pooled_views = (
+            token_mean(context, idx.context_valid),
+            token_mean(second_context, idx.context_valid),
+        )
         projected = None
         if self.contrastive_projector is not None:  # one batch through the BatchNorm
             both = self.contrastive_projector(torch.cat(pooled_views))
             projected = tuple(both.chunk(2))
         return pooled_views, projected
+
+
+def token_mean(tokens: Tensor, valid: Tensor | None) -> Tensor:
+    """``tokens [B, N, D]`` -> ``[B, D]``: the mean over the tokens ``valid [B, N]`` keeps
+    (all when None)."""
+    if valid is None:
+        return tokens.mean(dim=1)
+    weight = valid.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weight).sum(dim=1) / weight.sum(dim=1)
 
 
 def _gather_cells(grid: Tensor, cells: Tensor) -> Tensor:

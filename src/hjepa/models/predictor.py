@@ -95,13 +95,22 @@ class Predictor(nn.Module):
             return None
         return rope_tables(grid_positions(index, self.grid_size), self.head_dim)
 
-    def forward(self, context: Tensor, context_index: Tensor, target_index: Tensor) -> Tensor:
+    def forward(
+        self,
+        context: Tensor,
+        context_index: Tensor,
+        target_index: Tensor,
+        context_valid: Tensor | None = None,
+        target_valid: Tensor | None = None,
+    ) -> Tensor:
         """Predict target tokens.
 
         Args:
             context: context-encoder tokens ``[B, Nc, D]``.
             context_index: their level-0 grid indices ``[B, Nc]``.
             target_index: grid indices of the tokens to predict, per block ``[B, M, Nt]``.
+            context_valid, target_valid: ``[B, Nc]``, ``[B, M, Nt]`` bool, False at padding
+                (:mod:`hjepa.data.buckets`): no row attends to a padded token.
 
         Returns:
             ``[B, M, Nt, predictor_dim]`` predictions (before the per-level heads).
@@ -115,13 +124,13 @@ class Predictor(nn.Module):
         if self.mode == "shared":
             x = torch.cat([ctx, queries], dim=1)
             index = torch.cat([context_index, target_index.reshape(b, m * nt)], dim=1)
-            mask = ContextBlocks(nc, m, nt)
+            mask = ContextBlocks(nc, m, nt, context_valid, target_valid)
         else:
             x = torch.cat([ctx.repeat_interleave(m, dim=0), queries.reshape(b * m, nt, -1)], 1)
             index = torch.cat(
                 [context_index.repeat_interleave(m, dim=0), target_index.reshape(b * m, nt)], 1
             )
-            mask = None
+            mask = _repeat_key_mask(context_valid, target_valid, b, m, nc, nt)
         x = run_blocks(
             self.blocks,
             x,
@@ -131,3 +140,20 @@ class Predictor(nn.Module):
             keep_from=nc,
         )
         return self.norm(x).reshape(b, m, nt, -1)
+
+
+def _repeat_key_mask(
+    context_valid: Tensor | None, target_valid: Tensor | None, b: int, m: int, nc: int, nt: int
+) -> Tensor | None:
+    """``[B M, 1, 1, Nc + Nt]`` key mask of ``repeat`` mode's sequences (None: no padding)."""
+    if context_valid is None and target_valid is None:
+        return None
+    device = (context_valid if context_valid is not None else target_valid).device
+    if context_valid is None:
+        context_valid = torch.ones(b, nc, dtype=torch.bool, device=device)
+    if target_valid is None:
+        target_valid = torch.ones(b, m, nt, dtype=torch.bool, device=device)
+    keys = torch.cat(
+        [context_valid.repeat_interleave(m, dim=0), target_valid.reshape(b * m, nt)], dim=1
+    )
+    return keys[:, None, None, :]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,24 @@ class ContextBlocks:
     num_context: int
     num_blocks: int
     block_size: int
+    # Padded token counts (hjepa.data.buckets): False at padding, left out of every key.
+    context_valid: Tensor | None = field(default=None, compare=False)  # [B, Nc]
+    block_valid: Tensor | None = field(default=None, compare=False)  # [B, M, Nt]
+
+    def _masks(self, b: int) -> tuple[Tensor | None, Tensor | None]:
+        """Key masks of the context rows ``[B, 1, 1, Nc]`` and of the block rows
+        ``[B M, 1, 1, Nc + Nt]`` (None without padding)."""
+        if self.context_valid is None and self.block_valid is None:
+            return None, None
+        nc, m, nt = self.num_context, self.num_blocks, self.block_size
+        ctx = self.context_valid
+        if ctx is None:
+            ctx = torch.ones(b, nc, dtype=torch.bool, device=self.block_valid.device)
+        blocks = self.block_valid
+        if blocks is None:
+            blocks = torch.ones(b, m, nt, dtype=torch.bool, device=ctx.device)
+        keys = torch.cat([ctx[:, None].expand(b, m, nc), blocks], dim=2)
+        return ctx[:, None, None], keys.reshape(b * m, 1, 1, nc + nt)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, first_query: int = 0) -> Tensor:
         """``q, k, v [B, H, Nc + M Nt, dh]`` -> outputs of rows ``first_query`` on
@@ -150,13 +168,17 @@ class ContextBlocks:
             ctx = ctx[:, None].expand(b, m, h, nc, dh).reshape(b * m, h, nc, dh)
             return torch.cat([ctx, per_block(blocks)], dim=2)
 
+        ctx_mask, block_mask = self._masks(b)
         out = F.scaled_dot_product_attention(
-            per_block(q_blocks), with_context(k_ctx, k_blocks), with_context(v_ctx, v_blocks)
+            per_block(q_blocks),
+            with_context(k_ctx, k_blocks),
+            with_context(v_ctx, v_blocks),
+            attn_mask=block_mask,
         )
         out = out.reshape(b, m, h, nt, dh).transpose(1, 2).reshape(b, h, m * nt, dh)
         if first_query:
             return out
-        ctx_out = F.scaled_dot_product_attention(q_ctx, k_ctx, v_ctx)
+        ctx_out = F.scaled_dot_product_attention(q_ctx, k_ctx, v_ctx, attn_mask=ctx_mask)
         return torch.cat([ctx_out, out], dim=2)
 
 
@@ -187,7 +209,8 @@ class Attention(nn.Module):
             return self.proj(out.transpose(1, 2).reshape(b, n - first_query, d))
         if first_query:
             q = q[:, :, first_query:]
-            attn_mask = None if attn_mask is None else attn_mask[..., first_query:, :]
+            if attn_mask is not None and attn_mask.shape[-2] > 1:  # not a key-only mask
+                attn_mask = attn_mask[..., first_query:, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n - first_query, d))
 
@@ -399,8 +422,12 @@ class VisionTransformer(nn.Module):
                     nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                     nn.init.zeros_(conv.bias)
 
-    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(
+        self, images: Tensor, keep: Tensor | None = None, keep_valid: Tensor | None = None
+    ) -> Tensor:
         """``images [B, C, H, W]`` -> tokens ``[B, N, D]``, or ``[B, K, D]`` for ``keep [B, K]``.
+        ``keep_valid [B, K]`` (bool): False at padded positions, which no token attends to
+        (their own outputs are computed and meaningless).
 
         ``H = W`` may differ from the built image size (a multi-crop local view, another
         resolution): RoPE positions are the grid indices of that image's own grid; sin-cos
@@ -424,5 +451,6 @@ class VisionTransformer(nn.Module):
             index = keep if keep is not None else torch.arange(grid * grid, device=x.device)
             positions = grid_positions(index, grid).expand(x.shape[0], -1, -1)
             rope = rope_tables(positions, self.head_dim)
-        x = run_blocks(self.blocks, x, rope, self.grad_checkpointing)
+        attn_mask = None if keep_valid is None else keep_valid[:, None, None, :]
+        x = run_blocks(self.blocks, x, rope, self.grad_checkpointing, attn_mask=attn_mask)
         return self.norm(x)

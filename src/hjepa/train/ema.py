@@ -5,22 +5,32 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+def ema_update(
+    target: nn.Module, online: nn.Module, momentum: float, applied: Tensor | None = None
+) -> None:
     r"""In place, for every parameter pair: :math:`\xi \leftarrow m\,\xi + (1 - m)\,\theta`.
 
     Called once per optimizer step, *after* ``optimizer.step()``, so the target follows the
-    weights the step just produced.
+    weights the step just produced. ``applied`` (a bool 0-dim tensor): where False the target
+    stays exactly as it is (a skipped step), decided on the device.
     """
     t_params = list(target.parameters())
     o_params = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise ValueError("target and online networks must have the same parameters")
-    # xi + (1 - m)(theta - xi): the same average in one pass over the weights instead of two.
-    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+    if applied is None:
+        # xi + (1 - m)(theta - xi): the same average in one pass over the weights, not two.
+        torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+        return
+    # The same update with weight 1 - m, or 0 (xi + 0 * (theta - xi) = xi) for a skipped step.
+    weight = torch.where(applied, 1.0 - momentum, 0.0).to(t_params[0].dtype)
+    delta = torch._foreach_sub(o_params, t_params)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(t_params, delta)
 
 
 def ema_before_each_step(
@@ -35,6 +45,11 @@ def ema_before_each_step(
     about to be taken. An optimizer pre-step hook: a step that is skipped (non-finite, or by the
     fp16 GradScaler) takes no EMA either (the reviewed code took it regardless).
     """
-    optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: ema_update(target, online, momentum())
-    )
+
+    def before_step(opt, args, kwargs) -> None:
+        # A step the trainer skips on the device (hjepa.train.optim.step_unless) still calls
+        # step(); its found_inf flag keeps the target as it is then.
+        found_inf = getattr(opt, "found_inf", None)
+        ema_update(target, online, momentum(), None if found_inf is None else found_inf == 0)
+
+    optimizer.register_step_pre_hook(before_step)

@@ -17,11 +17,14 @@ from torch import Tensor
 
 from hjepa.config import Config
 from hjepa.data.augment import BatchAugment
+from hjepa.data.buckets import TokenBuckets
 from hjepa.data.deit3 import DeiT3Augment
 from hjepa.data.masks import sampler_from_config
 from hjepa.data.multicrop import LocalCrops
 from hjepa.models.hjepa import MaskIndices
 from hjepa.train import distributed
+
+_PREPARED_AHEAD = 4  # micro-batches whose masks prepare() keeps until their step takes them
 
 
 class Stream(IntEnum):
@@ -46,6 +49,21 @@ def _generator(seed: int, micro: int, stream: Stream) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, micro, stream))
 
 
+def mask_preparer(cfg: Config, global_batch: int, pad_tokens: bool = False):
+    """``prepare(micro) -> MaskIndices``: the mask indices of the whole global micro-batch
+    ``micro`` (CPU), drawn from its own mask stream, exactly as a training step of ``cfg`` draws
+    them (``pad_tokens``: padded as on an accelerator or under ``train.compile``)."""
+    sampler, seed = sampler_from_config(cfg), cfg.train.seed
+    buckets = TokenBuckets.for_sampler(sampler, global_batch) if pad_tokens else None
+
+    def prepare(micro: int) -> MaskIndices:
+        masks = sampler.sample(global_batch, _generator(seed, micro, Stream.MASKS))
+        index = MaskIndices.from_masks(masks)
+        return index if buckets is None else index.padded(buckets)
+
+    return prepare
+
+
 class InputPipeline:
     """Turns a micro-batch of uint8 images into model inputs: augmented view(s), mask indices
     and multi-crop local views, on ``device``.
@@ -56,6 +74,8 @@ class InputPipeline:
         global_batch: images of one global micro-batch; one mask batch of that size is drawn
             at once (own generator, no stream moves), so mask settings that cannot be met on
             this grid fail before any compute instead of at some later step.
+        pad_tokens: pad the mask indices to a few fixed token counts
+            (:mod:`hjepa.data.buckets`; the model leaves the padding out of everything).
     """
 
     def __init__(
@@ -66,11 +86,15 @@ class InputPipeline:
         device: torch.device,
         dist: distributed.DistEnv,
         global_batch: int,
+        pad_tokens: bool = False,
     ):
         d, a, mc = cfg.data, cfg.data.augment, cfg.data.multicrop
         self.seed, self.device, self.dist = cfg.train.seed, device, dist
         self.masks = sampler_from_config(cfg)
         self.masks.sample(global_batch, torch.Generator().manual_seed(self.seed))
+        self.global_batch = global_batch
+        self.buckets = TokenBuckets.for_sampler(self.masks, global_batch) if pad_tokens else None
+        self._prepared: dict[int, MaskIndices] = {}  # by micro-batch, drawn by prepare()
         stats = dict(mean=mean.flatten().tolist(), std=std.flatten().tolist())
         self.augment = BatchAugment(
             out_size=d.image_size,
@@ -87,6 +111,28 @@ class InputPipeline:
             else None
         )
 
+    def prepare(self, micro: int) -> None:
+        """Draw micro-batch ``micro``'s masks now, before its training step (the trainer's
+        batch producer calls this): mask sampling reads values on the host, so the step that
+        uses them then reads none. The draw is the one the step would make itself."""
+        self._prepared[micro] = self._mask_indices(micro)
+        while len(self._prepared) > _PREPARED_AHEAD:  # draws nobody took (a tool's own loop)
+            del self._prepared[min(self._prepared)]
+
+    def _mask_indices(self, micro: int, batch: int | None = None) -> MaskIndices:
+        """This rank's mask indices of micro-batch ``micro`` (``batch`` images in all, default
+        the global micro-batch), on the CPU (page-locked on CUDA)."""
+        batch = self.global_batch if batch is None else batch
+        masks = self.masks.sample(batch, _generator(self.seed, micro, Stream.MASKS))
+        # Indices are computed on the CPU: the forward pass then never syncs with the GPU.
+        index = MaskIndices.from_masks(masks)
+        if self.buckets is not None:
+            index = index.padded(self.buckets)
+        index = index.rows(self.dist.shard())
+        if self.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
+            index = index.pin_memory()
+        return index
+
     @property
     def shard(self) -> tuple[int, int]:
         return self.dist.rank, self.dist.world_size
@@ -96,7 +142,6 @@ class InputPipeline:
         rank's share of micro-batch ``micro``. Also seeds this rank's drop path for it."""
         seed = self.seed
         aug_gen = _generator(seed, micro, Stream.CROP_FLIP)
-        mask_gen = _generator(seed, micro, Stream.MASKS)
         drop_path = distributed.rank_seed(step_seed(seed, micro, Stream.DROP_PATH), self.dist)
         torch.manual_seed(drop_path)
         raw = images.to(self.device, non_blocking=True)
@@ -106,11 +151,10 @@ class InputPipeline:
         views = None
         if self.local_crops is not None:
             views = self.local_crops(raw, _generator(seed, micro, Stream.LOCAL_CROPS), self.shard)
-        masks = self.masks.sample(x.shape[0] * self.dist.world_size, mask_gen)
-        # Indices are computed on the CPU: the forward pass then never syncs with the GPU.
-        index = MaskIndices.from_masks(masks).rows(self.dist.shard())
-        if self.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
-            index = index.pin_memory()
+        index = self._prepared.pop(micro, None)
+        batch = x.shape[0] * self.dist.world_size
+        if index is None or batch != self.global_batch:  # not prepared (a tool's own call)
+            index = self._mask_indices(micro, batch)
         return x, index.to(self.device, non_blocking=True), views
 
     def second_view(self, images: Tensor, micro: int) -> Tensor:

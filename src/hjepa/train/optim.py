@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hjepa.config import OptimConfig
 
@@ -30,6 +30,26 @@ def build_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.A
     return torch.optim.AdamW(
         groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), fused=fused
     )
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()`` that changes nothing (no weight, no moment, no step count) where
+    ``found_inf`` (a float 0-dim tensor on the parameters' device) is 1, decided on the device.
+
+    This is the protocol ``torch.amp.GradScaler`` uses with optimizers that declare
+    ``_step_supports_amp_scaling`` (the fused AdamW of :func:`build_optimizer`): the kernel reads
+    the flag itself, so the host never waits for it.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError(
+            f"{type(optimizer).__name__} cannot skip a step on the device: build it fused "
+            "(hjepa.train.optim.build_optimizer does on CPU and CUDA)"
+        )
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

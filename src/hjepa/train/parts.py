@@ -113,7 +113,12 @@ def build_parts(cfg: Config) -> Parts:
         *(o.start_lr, o.lr, o.final_lr, o.weight_decay, o.final_weight_decay),
         *(t.ema_start, t.ema_end),
     )
-    inputs = InputPipeline(cfg, data.mean, data.std, device, env, data.micro_batch * env.world_size)
+    # Padded token counts where shapes cost (attention plans and graphs on an accelerator,
+    # graphs under torch.compile); an eager CPU step would only do the padding's work.
+    pad_tokens = device.type != "cpu" or t.compile
+    inputs = InputPipeline(
+        cfg, data.mean, data.std, device, env, data.micro_batch * env.world_size, pad_tokens
+    )
     model, warm_start = build_model(cfg, data.channels, inputs.local_crops is not None, device)
     ddp = distributed.wrap_trainable(
         model, None if model.shared_target else model.target_encoder, env, device
@@ -180,9 +185,11 @@ def build_model(
     if cfg.train.init_from and not ckpt.candidates(Path(cfg.run.dir)):  # its own one wins
         warm_start = load_init_weights(model, cfg, device)
     if cfg.train.compile:  # in place: state dict keys stay those of the plain modules
+        # Static shapes: under compile the token counts are padded to a handful of buckets
+        # (build_parts), one graph each (dynamic shapes also failed to lower the conv stem).
         for module in {model.context_encoder, model.target_encoder}:
-            module.compile(dynamic=True)  # token counts change every step
-        model.predictor.compile(dynamic=True)
+            module.compile(dynamic=False)
+        model.predictor.compile(dynamic=False)
     return model, warm_start
 
 

@@ -32,10 +32,11 @@ from hjepa.config import Config
 from hjepa.models.vit import attention_backend
 from hjepa.train import console, distributed, recipe, resume
 from hjepa.train.ema import ema_before_each_step, ema_update
+from hjepa.train.inputs import InputPipeline
 from hjepa.train.interrupt import StopSignals, TrainingInterrupted
 from hjepa.train.logging import MetricsLogger
 from hjepa.train.monitor import OnlineProbe, collapse_warning
-from hjepa.train.optim import set_schedule
+from hjepa.train.optim import set_schedule, step_unless
 from hjepa.train.parts import Parts, build_parts
 
 
@@ -45,11 +46,22 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured."""
+    """What one optimizer step measured, as device tensors: reading one waits for the step
+    (the trainer reads them on its logging and checkpoint cadence only)."""
 
     terms: Tensor  # [loss, *objective terms], averaged over micro-batches and ranks
     grad_norm: Tensor  # before clipping
-    skip_reason: str | None  # why the update was not applied (non-finite values), or None
+    applied: Tensor  # bool []: False where the update was skipped (non-finite values)
+    step: int  # the trainer's step count after this step (what messages name)
+    names: list[str]  # of ``terms``
+    check_grad: bool  # whether a non-finite gradient alone skips it (not under fp16)
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the update was not applied, or None (reads the step's flag back)."""
+        if bool(self.applied):
+            return None
+        return nonfinite_reason(self.terms, self.grad_norm, self.names, self.check_grad)
 
 
 #: ``around_step(train_step, micro_batches) -> StepResult``: see :meth:`Trainer.fit`.
@@ -95,7 +107,8 @@ class Trainer:
         self.allow_config_change = allow_config_change
         self.run_dir = Path(cfg.run.dir)
         self.step = 0
-        self.skipped_steps = 0  # optimizer steps skipped for non-finite values (nonfinite=skip)
+        # Optimizer steps skipped for non-finite values, counted on the device (no step waits).
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.saved_step: int | None = None  # step of the newest complete checkpoint on disk
         self.run_only_changes: list[recipe.Change] = []  # accepted differences on resume
         self.recipe_changes: list[recipe.Change] = []  # allowed (allow_config_change) ones
@@ -107,6 +120,15 @@ class Trainer:
                 model.context_encoder,
                 lambda: self.momentum_at(self.step),  # the step about to be taken
             )
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite values (reads the device's count back)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, count: int) -> None:
+        self._skipped = torch.full((), count, dtype=torch.int64, device=self.device)
 
     @property
     def ema_after_step(self) -> bool:
@@ -161,25 +183,39 @@ class Trainer:
         # Averaged over ranks: every rank takes the same skip decision, logs are global.
         mean_terms = distributed.mean_over_ranks(torch.stack(terms).mean(0), self.dist)
         # 4. Optimizer step on the clipped gradient, unless a loss term or the gradient is not
-        #    finite (under fp16 the GradScaler itself skips overflowing gradients).
+        #    finite (under fp16 the GradScaler itself skips overflowing gradients). Decided on
+        #    the device: the step never waits for the flag, the trainer reads it later.
         set_schedule(self.optimizer, self.lr_at(self.step), self.wd_at(self.step))
+        check_grad = not self.scaler.is_enabled()
+        if not check_grad:  # fp16: the GradScaler skips what a non-finite loss leaves too
+            applied = finite_step(mean_terms, None)
+            poison_unless(applied, [p.grad for p in self.params if p.grad is not None])
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.parts.max_grad_norm)
-        names = self.term_names(mean_terms.numel())
-        skip = nonfinite_reason(mean_terms, grad_norm, names, not self.scaler.is_enabled())
-        if skip is None:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if check_grad:
+            applied = finite_step(mean_terms, grad_norm)
+        self._optimizer_step(applied)
         self.optimizer.zero_grad(set_to_none=True)
         # 5. EMA: the target encoder moves towards the weights of the step just taken.
-        if skip is None and self.ema_after_step:
+        if self.ema_after_step:
             momentum = self.momentum_at(self.step)
-            ema_update(self.model.target_encoder, self.model.context_encoder, momentum)
+            ema_update(self.model.target_encoder, self.model.context_encoder, momentum, applied)
         # A skipped step still counts: schedules, data order and the checkpointed step stay
         # aligned, so a resumed run still repeats this one exactly.
         self.step += 1
-        self.skipped_steps += skip is not None
-        return StepResult(mean_terms, grad_norm, skip)
+        self._skipped += ~applied
+        names = self.term_names(mean_terms.numel())
+        return StepResult(mean_terms, grad_norm, applied, self.step, names, check_grad)
+
+    def _optimizer_step(self, applied: Tensor) -> None:
+        """The optimizer step where ``applied``; a skipped one changes no weight and no state."""
+        if self.scaler.is_enabled():  # fp16: the scaler's own found_inf, on the device too
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            step_unless(self.optimizer, (~applied).float())
+        elif bool(applied):  # an optimizer that cannot skip on the device: the host decides
+            self.optimizer.step()
 
     def _no_sync(self, accumulate: bool):
         """Skip DDP's gradient all-reduce on micro-batches before the last of a step."""
@@ -208,6 +244,8 @@ class Trainer:
                     # draws) of the others, and every step sees a full batch.
                     refill = torch.arange(self.micro_batch - images.shape[0]) % images.shape[0]
                     images = torch.cat([images, images[refill]])
+                if isinstance(self.inputs, InputPipeline):  # masks drawn here, off the step
+                    self.inputs.prepare(micro)
                 yield micro, images
                 micro += 1
 
@@ -337,12 +375,16 @@ class Trainer:
             raise self._interrupted(signum, progress, logger)
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
+        unread: list[StepResult] = []  # steps whose skip flags nobody has read yet
         for micro_batches in self.step_batches():
             result = step(micro_batches)
+            unread.append(result)
             window_images += sum(len(images) for _, images in micro_batches) * self.dist.world_size
-            if result.skip_reason is not None:
-                self._nonfinite_policy(result.skip_reason, logger)
-            if self.step % t.log_every == 0 or self.step == end:
+            log_now = self.step % t.log_every == 0 or self.step == end
+            if log_now or self.step % self.cfg.run.checkpoint_every == 0:
+                self._read_skips(unread, logger)  # one host read for the steps since the last
+                unread = []
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 last = self._train_record(result, window_images / max(elapsed, 1e-9))
                 logger.log(self.step, "train", last)
@@ -358,6 +400,7 @@ class Trainer:
                 break
             signum = stop.agreed(self.dist, self.device)  # every rank: the same answer
             if signum:
+                self._read_skips(unread, logger)  # train.nonfinite=stop wins over saving
                 raise self._interrupted(signum, progress, logger)
         progress.close()
         logger.close()
@@ -412,18 +455,29 @@ class Trainer:
         if finished or self.step % self.cfg.run.checkpoint_every == 0:
             self.save()
 
-    def _nonfinite_policy(self, reason: str, logger) -> None:
+    def _read_skips(self, results: list[StepResult], logger) -> None:
+        """Read the skip flags of ``results`` back (one host read) and apply the non-finite
+        policy to every skipped step among them, in order."""
+        if not results:
+            return
+        applied = torch.stack([r.applied for r in results]).tolist()
+        skipped = self.skipped_steps - applied.count(False)  # before the first of them
+        for result, ok in zip(results, applied):
+            if not ok:
+                skipped += 1
+                self._nonfinite_policy(result, skipped, logger)
+
+    def _nonfinite_policy(self, result: StepResult, skipped: int, logger) -> None:
         """``train.nonfinite``: ``stop`` raises; ``skip`` reports the skipped step and goes on."""
+        reason, step = result.skip_reason, result.step
         if self.cfg.train.nonfinite == "stop":
             raise NonFiniteLossError(
-                f"{reason} at step {self.step}; training stopped, {self._last_good()}; lower "
+                f"{reason} at step {step}; training stopped, {self._last_good()}; lower "
                 "optim.lr, check the data for NaN/inf, or set train.nonfinite=skip"
             )
         if self.dist.is_main:
-            console.say(f"step {self.step}: skipped, {reason}", file=sys.stderr)
-            logger.log(
-                self.step, "nonfinite", {"reason": reason, "skipped_steps": self.skipped_steps}
-            )
+            console.say(f"step {step}: skipped, {reason}", file=sys.stderr)
+            logger.log(step, "nonfinite", {"reason": reason, "skipped_steps": skipped})
 
     def _train_record(self, result: StepResult, images_per_s: float) -> dict:
         """The ``train`` line of ``metrics.jsonl`` for the step just taken."""
@@ -451,6 +505,21 @@ class Trainer:
         return record
 
 
+def finite_step(terms: Tensor, grad_norm: Tensor | None) -> Tensor:
+    """bool ``[]`` on the device: every loss term (and ``grad_norm``, when given) is finite."""
+    checks = [terms.detach().float().flatten()]
+    if grad_norm is not None:
+        checks.append(grad_norm.detach().float().reshape(1))
+    return torch.isfinite(torch.cat(checks)).all()
+
+
+def poison_unless(applied: Tensor, grads: list[Tensor]) -> None:
+    """Make ``grads`` NaN where ``applied`` is False (the fp16 GradScaler then skips the step),
+    unchanged otherwise; on the device."""
+    if grads:
+        torch._foreach_mul_(grads, torch.where(applied, 1.0, math.nan).to(grads[0].dtype))
+
+
 def nonfinite_reason(
     terms: Tensor, grad_norm: Tensor, names: list[str], check_grad: bool
 ) -> str | None:
@@ -460,10 +529,7 @@ def nonfinite_reason(
     ``check_grad``: it can overflow while the loss is finite (under fp16 the GradScaler
     already skips such steps, so only the loss is checked there).
     """
-    checks = [terms.detach().float().flatten()]
-    if check_grad:
-        checks.append(grad_norm.detach().float().reshape(1))
-    if bool(torch.isfinite(torch.cat(checks)).all()):  # one host sync
+    if bool(finite_step(terms, grad_norm if check_grad else None)):  # one host sync
         return None
     if not bool(torch.isfinite(terms).all()):
         values = dict(zip(names, terms.flatten().tolist()))
