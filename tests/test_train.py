@@ -42,6 +42,21 @@ def test_ema_update_formula():
         torch.testing.assert_close(t, 0.9 * a + 0.1 * b)
 
 
+def test_ema_update_decided_on_the_device_rounds_as_the_scalar_update():
+    """The trainer passes ``applied`` (no host read); the update must stay bit-identical to
+    the scalar lerp (runs reproduce across the change) and be the identity when not applied."""
+    torch.manual_seed(0)
+    online = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    scalar, device = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)), None
+    device = copy.deepcopy(scalar)
+    ema_update(scalar, online, 0.996)
+    ema_update(device, online, 0.996, applied=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(scalar.parameters(), device.parameters()))
+    before = _snapshot(device)
+    ema_update(device, online, 0.996, applied=torch.tensor(False))
+    assert all(torch.equal(before[k], v) for k, v in device.state_dict().items())
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     decay, no_decay = param_groups([model])

@@ -26,11 +26,11 @@ def ema_update(
         # xi + (1 - m)(theta - xi): the same average in one pass over the weights, not two.
         torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
         return
-    # The same update with weight 1 - m, or 0 (xi + 0 * (theta - xi) = xi) for a skipped step.
+    # The same lerp with weight 1 - m, or 0 (xi + 0 * (theta - xi) = xi) for a skipped step. A
+    # 0-dim weight would be read on the host; one weight per tensor (a broadcast view) is not,
+    # and rounds exactly as the scalar lerp above.
     weight = torch.where(applied, 1.0 - momentum, 0.0).to(t_params[0].dtype)
-    delta = torch._foreach_sub(o_params, t_params)
-    torch._foreach_mul_(delta, weight)
-    torch._foreach_add_(t_params, delta)
+    torch._foreach_lerp_(t_params, o_params, [weight.expand_as(t) for t in t_params])
 
 
 def ema_before_each_step(
