@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in priority order, inside a fixed time budget:
-#   1. benchmarks/gpu_check.py (ViT-S/16 preset, synthetic 224 px: images/s, memory, kernels),
-#      then again with model.attention=cudnn
+#   1. benchmarks/gpu_check.py (ViT-S/16 and ViT-B/16 presets, eager and compiled, synthetic
+#      224 px: images/s, MFU, memory, launches, syncs), then ViT-S/16 with model.attention=cudnn
 #   2. benchmarks/bench_encoder_options.py --device cuda (attention backends, checkpointing)
 #   3. benchmarks/race_ijepa.py --device cuda (needs IJEPA=path of a facebookresearch/ijepa
 #      checkout; skipped when unset)
@@ -23,10 +23,10 @@ log() { echo "[$(($(date +%s) - start)) s] $*"; }
 
 log "$(nvidia-smi -L 2>&1 | head -1)"
 log "gpu_check"
-timeout 60 $py benchmarks/gpu_check.py --steps 40 --warmup 5 > "$out/gpu_check.json"
+timeout 300 $py benchmarks/gpu_check.py --budget-s 200 --out "$out/gpu_check.json" > /dev/null
 log "gpu_check model.attention=cudnn (the kernel auto used to pick)"
-timeout 60 $py benchmarks/gpu_check.py --steps 40 --warmup 5 --modes repeat \
-  model.attention=cudnn > "$out/gpu_check_cudnn.json"
+timeout 90 $py benchmarks/gpu_check.py --configs imagenet100_vits16:eager --budget-s 30 \
+  --out "$out/gpu_check_cudnn.json" model.attention=cudnn > /dev/null
 log "bench_encoder_options --device cuda"
 timeout 45 $py benchmarks/bench_encoder_options.py --device cuda --batch 128 --repeats 5 \
   > "$out/bench_encoder_options.md"
@@ -36,6 +36,8 @@ if [ -n "${IJEPA:-}" ]; then
     --warmup 2 > "$out/race_gpu.json"
 fi
 
+left=$((${DEADLINE:-380} - ($(date +%s) - start)))
+if [ "$left" -le 0 ]; then log "no time left for the variants"; exit 0; fi
 log "variants"
 v=benchmarks/variants
 timeout $((${HARD_STOP:-535} - ($(date +%s) - start))) $py benchmarks/run_variants.py \

@@ -290,7 +290,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128, help="images per step (one device)")
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | bf16 | fp32")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak")
-    parser.add_argument("--run-dir", default="/tmp/hjepa_gpu_check", help="run.dir (unused)")
+    parser.add_argument(
+        "--run-dir",
+        default="/tmp/hjepa_gpu_check",
+        help="run.dir of the trainers it builds (they write no checkpoint)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=240, help="start no configuration after this long"
     )

@@ -68,17 +68,8 @@ def build_dataset(
         decoder, train_crop: ``image_folder`` only: the JPEG decoder and the training view's
             random resized crop from the whole image (:mod:`hjepa.data.image_folder`).
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     folder_only = {"class_subset": class_subset, "train_crop": train_crop}
-    folder_only["decoder"] = None if decoder == "pillow" else decoder
-    for option, value in folder_only.items():
-        if value is not None and name != "image_folder":
-            raise ValueError(
-                f"{option} applies only to data.name=image_folder, not {name!r}; unset it"
-            )
+    _check_request(name, split, folder_only | {"decoder": None if decoder == "pillow" else decoder})
     if name == "fashion_mnist":
         return load_fashion_mnist(root, split)
     if name in ("cifar10", "cifar100"):
@@ -93,6 +84,19 @@ def build_dataset(
         folder |= {"decoder": decoder, "train_crop": train_crop}
         return ImageFolder(root, split, image_size=image_size, channels=channels, **folder)
     return _synthetic(split, image_size, channels or 1, synthetic_size, seed)
+
+
+def _check_request(name: str, split: str, folder_only: dict) -> None:
+    """A known dataset and split, and no image-folder option (set, not None) for another set."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    for option, value in folder_only.items():
+        if value is not None and name != "image_folder":
+            raise ValueError(
+                f"{option} applies only to data.name=image_folder, not {name!r}; unset it"
+            )
 
 
 def _synthetic(split: str, image_size: int, channels: int, size: int, seed: int) -> Dataset:
