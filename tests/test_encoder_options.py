@@ -350,7 +350,8 @@ def _legacy_block_forward(self, x, attn_mask=None):
     return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def _legacy_encoder_forward(self, images, keep=None):
+def _legacy_encoder_forward(self, images, keep=None, keep_valid=None):
+    assert keep_valid is None  # no padding on the CPU without train.compile
     x = self.patch_embed(images).flatten(2).transpose(1, 2)
     x = x + self.pos_embed.to(x.dtype)
     if keep is not None:
@@ -360,7 +361,10 @@ def _legacy_encoder_forward(self, images, keep=None):
     return self.norm(x)
 
 
-def _legacy_predictor_forward(self, context, context_index, target_index):
+def _legacy_predictor_forward(
+    self, context, context_index, target_index, context_valid=None, target_valid=None
+):
+    assert context_valid is None and target_valid is None  # unpadded, as before buckets
     b, m, nt = target_index.shape
     pos = self.pos_embed.to(context.dtype).expand(b, -1, -1)
     ctx = self.embed(context) + gather_tokens(pos, context_index)
