@@ -186,6 +186,12 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def serves_train_crops(self) -> bool:
+        """Whether :class:`CropKey` requests are served (built with ``train_crop``): the
+        :class:`~hjepa.data.loader.EpochLoader` then asks for training views."""
+        return self.train_crop is not None
+
     def path(self, index: int) -> str:
         """The image's file, or ``split:number`` in a shard set."""
         start, end = self._offsets[index], self._offsets[index + 1]

@@ -8,6 +8,13 @@ around (otherwise), and rank ``r`` takes positions ``r, r + world_size, ...``
 (as ``DistributedSampler``): equal sizes, disjoint when not padded.
 Resuming at batch ``k`` only slices the index list: skipped batches are
 never loaded.
+
+A dataset that serves training crops (``serves_train_crops``, e.g. an image folder's training
+split) is asked for ``CropKey(index, seed)`` instead of ``index``, so its workers decode the
+random resized crop from the whole image. The seed of an image is drawn by :func:`crop_seeds`
+from the run seed, the micro-batch number (``epoch * len(loader) + batch``) and the image's
+position in the global micro-batch (row ``j`` of rank ``r`` is position ``j * world_size + r``),
+so the crops do not depend on the number of workers or ranks, or on a restart.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hjepa.data.image_folder import CropKey
 from hjepa.data.tensors import ImageTensors
+
+_CROP_SEED_STREAM = 1  # keeps crop seeds apart from the order's (seed, epoch) stream
 
 
 def _ignore_ctrl_c(_worker_id: int) -> None:
@@ -39,13 +49,25 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-class _IndexList(Sampler[int]):
-    """A sampler whose indices are swapped each epoch, so persistent workers survive."""
+def crop_seeds(seed: int, micro: int, global_batch: int) -> torch.Tensor:
+    """The crop seeds (int64 ``[global_batch]``, by position in the global micro-batch) of
+    micro-batch ``micro``: a pure function of its arguments."""
+    if seed < 0 or micro < 0:
+        raise ValueError(f"seed and micro must be non-negative, got seed={seed}, micro={micro}")
+    entropy = [seed, micro, _CROP_SEED_STREAM]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return torch.randint(0, 2**62, (global_batch,), generator=g)
+
+
+class _IndexList(Sampler):
+    """A sampler whose indices (ints or :class:`CropKey` s) are swapped each epoch, so
+    persistent workers survive."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.indices: list[int] | list[CropKey] = []
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         return iter(self.indices)
 
     def __len__(self) -> int:
@@ -114,6 +136,7 @@ class EpochLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.skipped = 0
         self._in_memory = isinstance(dataset, ImageTensors)
+        self._serves_train_crops = bool(getattr(dataset, "serves_train_crops", False))
         self._sampler = _IndexList()
         self._loader: DataLoader | None = None
         if not self._in_memory:
@@ -135,6 +158,12 @@ class EpochLoader:
     def in_memory(self) -> bool:
         """True for an :class:`ImageTensors` (no decoding, nothing is ever skipped)."""
         return self._in_memory
+
+    @property
+    def serves_train_crops(self) -> bool:
+        """True when the dataset's workers crop (and flip) the training view (module
+        docstring): the batches are then training views, not whole evaluation views."""
+        return self._serves_train_crops
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -165,7 +194,8 @@ class EpochLoader:
         if self._in_memory:
             yield from self._iter_in_memory(order)
         else:
-            yield from self._iter_workers(order)
+            first_micro = epoch * len(self) + start_batch
+            yield from self._iter_workers(self._requests(order, first_micro))
 
     def _iter_in_memory(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data: ImageTensors = self.dataset  # type: ignore[assignment]
@@ -186,9 +216,27 @@ class EpochLoader:
                 x, y = x.pin_memory(), y.pin_memory()
             yield x, y
 
-    def _iter_workers(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _requests(self, order: torch.Tensor, first_micro: int) -> list[int] | list[CropKey]:
+        """What the dataset is asked for: the indices of ``order`` (whose first batch is
+        micro-batch ``first_micro``), as :class:`CropKey` s when it serves training crops."""
+        if not self._serves_train_crops:
+            return order.tolist()
+        requests = []
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size].tolist()
+            micro = first_micro + start // self.batch_size
+            seeds = crop_seeds(self.seed, micro, self.batch_size * self.world_size)
+            mine = seeds[self.rank :: self.world_size].tolist()  # row j: position j*world+rank
+            requests += [
+                CropKey(index, seed) for index, seed in zip(batch, mine[: len(batch)], strict=True)
+            ]
+        return requests
+
+    def _iter_workers(
+        self, requests: list[int] | list[CropKey]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._loader is not None
-        self._sampler.indices = order.tolist()
+        self._sampler.indices = requests
         for images, labels in self._loader:
             keep = labels != -1
             dropped = int((~keep).sum())

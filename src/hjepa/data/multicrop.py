@@ -3,7 +3,9 @@
 Each of ``num_local`` views is an independent random resized crop (area fraction in
 ``local_scale`` of the source image, the run's aspect-ratio range and flip probability) resized
 to ``local_size`` pixels. They are cut from the *raw* images, not from the augmented global view,
-so a local crop is a genuinely different view of the same image (as in DINO / LeJEPA). The
+so a local crop is a genuinely different view of the same image (as in DINO / LeJEPA); for an
+image folder the raw image is the training view the loader's workers cut from the whole image
+(:mod:`hjepa.data.loader`), so local crops come from inside that view. The
 DeiT III options (photometric, mixing, erasing) are not applied to them: mixing would make a
 local crop of image ``i`` predict the embedding of a mixture.
 """

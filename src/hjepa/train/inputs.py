@@ -6,6 +6,11 @@ what the uninterrupted run draws, and turning an option on moves no other stream
 
 Crops, flips and masks are drawn for the whole global micro-batch (the same numbers on every
 rank) and each rank keeps its rows, so they depend only on a sample's global position.
+
+When the loader's workers already cut the training view (an image folder: a random resized crop
+and flip of the whole image, :mod:`hjepa.data.loader`), the first view is only normalised here;
+the rest (DeiT III options, masks) is unchanged. The second view (VICReg / C-JEPA) and the
+multi-crop local views are then cropped from that training view, not from the whole image.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hjepa.config import Config
-from hjepa.data.augment import BatchAugment
+from hjepa.data.augment import BatchAugment, to_float
 from hjepa.data.buckets import TokenBuckets
 from hjepa.data.deit3 import DeiT3Augment
 from hjepa.data.masks import sampler_from_config
@@ -76,6 +81,8 @@ class InputPipeline:
             this grid fail before any compute instead of at some later step.
         pad_tokens: pad the mask indices to a few fixed token counts
             (:mod:`hjepa.data.buckets`; the model leaves the padding out of everything).
+        cropped_in_loader: the images arrive already cropped and flipped (the loader's
+            ``serves_train_crops``): the first view is only normalised.
     """
 
     def __init__(
@@ -87,9 +94,11 @@ class InputPipeline:
         dist: distributed.DistEnv,
         global_batch: int,
         pad_tokens: bool = False,
+        cropped_in_loader: bool = False,
     ):
         d, a, mc = cfg.data, cfg.data.augment, cfg.data.multicrop
         self.seed, self.device, self.dist = cfg.train.seed, device, dist
+        self.cropped_in_loader = cropped_in_loader
         self.masks = sampler_from_config(cfg)
         self.masks.sample(global_batch, torch.Generator().manual_seed(self.seed))
         self.global_batch = global_batch
@@ -141,11 +150,10 @@ class InputPipeline:
         """Augmented images, mask indices and multi-crop local views (None when off) of this
         rank's share of micro-batch ``micro``. Also seeds this rank's drop path for it."""
         seed = self.seed
-        aug_gen = _generator(seed, micro, Stream.CROP_FLIP)
         drop_path = distributed.rank_seed(step_seed(seed, micro, Stream.DROP_PATH), self.dist)
         torch.manual_seed(drop_path)
         raw = images.to(self.device, non_blocking=True)
-        x = self.augment(raw, aug_gen, shard=self.shard)
+        x = self._first_view(raw, micro)
         if self.extra_augment is not None:  # one augmented image feeds both encoders
             x = self.extra_augment(x, _generator(seed, micro, Stream.DEIT3), self.shard)
         views = None
@@ -156,6 +164,12 @@ class InputPipeline:
         if index is None or batch != self.global_batch:  # not prepared (a tool's own call)
             index = self._mask_indices(micro, batch)
         return x, index.to(self.device, non_blocking=True), views
+
+    def _first_view(self, raw: Tensor, micro: int) -> Tensor:
+        """The view both encoders see, before the DeiT III options."""
+        if self.cropped_in_loader:  # the workers drew its crop and flip
+            return to_float(raw, self.augment.mean, self.augment.std)
+        return self.augment(raw, _generator(self.seed, micro, Stream.CROP_FLIP), shard=self.shard)
 
     def second_view(self, images: Tensor, micro: int) -> Tensor:
         """Another augmentation of the same images (VICReg / C-JEPA): the crop, flip and DeiT

@@ -116,8 +116,10 @@ def build_parts(cfg: Config) -> Parts:
     # Padded token counts where shapes cost (attention plans and graphs on an accelerator,
     # graphs under torch.compile); an eager CPU step would only do the padding's work.
     pad_tokens = device.type != "cpu" or t.compile
+    in_loader = data.loader.serves_train_crops  # an image folder's workers crop the views
+    global_batch = data.micro_batch * env.world_size
     inputs = InputPipeline(
-        cfg, data.mean, data.std, device, env, data.micro_batch * env.world_size, pad_tokens
+        cfg, data.mean, data.std, device, env, global_batch, pad_tokens, cropped_in_loader=in_loader
     )
     model, warm_start = build_model(cfg, data.channels, inputs.local_crops is not None, device)
     ddp = distributed.wrap_trainable(
