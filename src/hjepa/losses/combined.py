@@ -35,7 +35,6 @@ trainer logs); :attr:`Objective.weights` holds each term's coefficient in the to
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -120,7 +119,14 @@ class Objective(nn.Module):
         if loss.regularize_on == "pooled" and grid_size is None:
             raise ValueError("regularize_on='pooled' needs the level-0 grid_size")
         terms = loss.terms
-        self.loss = dataclasses.replace(loss)  # a copy: the terms cannot change under it
+        # The values the terms read, copied out of the section: the objective is what its own
+        # attributes say, and a later change to the config cannot reach it.
+        self.distance, self.regularize_on = loss.distance, loss.regularize_on
+        self.sigreg_weight, self.vicreg_weight = loss.sigreg_weight, loss.vicreg_weight
+        self.contrastive = loss.contrastive
+        self.contrastive_weight = loss.contrastive_weight
+        self.contrastive_temperature = loss.contrastive_temperature
+        self.view_sigreg_weight = loss.view_sigreg
         self.level_weights = [float(w) for w in level_weights]
         self.grid_size = grid_size
         self.sigreg = (
@@ -157,24 +163,24 @@ class Objective(nn.Module):
     @property
     def needs_two_views(self) -> bool:
         """VICReg and the contrastive term compare two augmented views of each image."""
-        return self.vicreg is not None or self.loss.contrastive
+        return self.vicreg is not None or self.contrastive
 
     @property
     def weights(self) -> dict[str, float]:
         """Each term's coefficient in the total, in the order :meth:`forward` returns them."""
         out = {f"loss_level{i}": w for i, w in enumerate(self.level_weights)}
         if self.sigreg is not None:
-            out["sigreg"] = self.loss.sigreg_weight
+            out["sigreg"] = self.sigreg_weight
         if self.vicreg is not None:
-            out["vicreg_var"] = self.loss.vicreg_weight * self.vicreg.var_weight
-            out["vicreg_cov"] = self.loss.vicreg_weight * self.vicreg.cov_weight
-            out["vicreg_inv"] = self.loss.vicreg_weight * self.vicreg.sim_weight
-        if self.loss.contrastive:
-            out["contrastive"] = self.loss.contrastive_weight
+            out["vicreg_var"] = self.vicreg_weight * self.vicreg.var_weight
+            out["vicreg_cov"] = self.vicreg_weight * self.vicreg.cov_weight
+            out["vicreg_inv"] = self.vicreg_weight * self.vicreg.sim_weight
+        if self.contrastive:
+            out["contrastive"] = self.contrastive_weight
         if self.multicrop_weight is not None:
             out["multicrop"] = self.multicrop_weight
         if self.view_sigreg is not None:
-            out["view_sigreg"] = self.loss.view_sigreg
+            out["view_sigreg"] = self.view_sigreg_weight
         return out
 
     @property
@@ -184,10 +190,10 @@ class Objective(nn.Module):
     def sigreg_inputs(self, out: JEPAOutput) -> list[tuple[Tensor, Tensor | None]]:
         """The ``[N, D]`` embedding sets SIGReg sees (its value is their mean statistic), each
         with its points' weights ``[N]`` (0 at padding and empty cells; None: all count)."""
-        if self.loss.regularize_on == "context":
+        if self.regularize_on == "context":
             valid = out.context_valid
             return [(out.context.flatten(0, 1), None if valid is None else valid.flatten())]
-        if self.loss.regularize_on == "predictor":
+        if self.regularize_on == "predictor":
             valid = out.target_valid or [None] * len(out.predictions)
             return [
                 (p.flatten(0, -2), None if v is None else v.flatten())
@@ -205,13 +211,13 @@ class Objective(nn.Module):
     def forward(self, out: JEPAOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions."""
         total, per_level = prediction_loss(
-            out.predictions, out.targets, self.level_weights, self.loss.distance, out.target_valid
+            out.predictions, out.targets, self.level_weights, self.distance, out.target_valid
         )
         terms = {f"loss_level{i}": term for i, term in enumerate(per_level)}
         if self.sigreg is not None:
             sets = self.sigreg_inputs(out)
             terms["sigreg"] = sum(self.sigreg(z, step=step, weights=w) for z, w in sets) / len(sets)
-            total = total + self.loss.sigreg_weight * terms["sigreg"]
+            total = total + self.sigreg_weight * terms["sigreg"]
         if self.needs_two_views and out.pooled_views is None:
             raise ValueError(
                 "VICReg / the contrastive term need a second augmented view: call the model "
@@ -222,16 +228,16 @@ class Objective(nn.Module):
             terms["vicreg_var"] = vic["variance"]
             terms["vicreg_cov"] = vic["covariance"]
             terms["vicreg_inv"] = vic["invariance"]
-            total = total + self.loss.vicreg_weight * vic["total"]
-        if self.loss.contrastive:
+            total = total + self.vicreg_weight * vic["total"]
+        if self.contrastive:
             if out.projected_views is None:
                 raise ValueError(
                     "loss.contrastive needs the model's contrastive_projector: build HJEPA with "
                     "contrastive=(hidden_dim, out_dim)"
                 )
             z1, z2 = out.projected_views
-            terms["contrastive"] = nt_xent(z1, z2, self.loss.contrastive_temperature)
-            total = total + self.loss.contrastive_weight * terms["contrastive"]
+            terms["contrastive"] = nt_xent(z1, z2, self.contrastive_temperature)
+            total = total + self.contrastive_weight * terms["contrastive"]
         if self.multicrop_weight is not None:
             if out.view_loss is None:
                 raise ValueError("the multi-crop term needs local views: call the model with views")
@@ -246,7 +252,7 @@ class Objective(nn.Module):
                 *local.chunk(local.shape[0] // out.context.shape[0]),
             ]
             terms["view_sigreg"] = sum(self.view_sigreg(z, step=step) for z in views) / len(views)
-            total = total + self.loss.view_sigreg * terms["view_sigreg"]
+            total = total + self.view_sigreg_weight * terms["view_sigreg"]
         return total, terms
 
 
