@@ -32,6 +32,19 @@ class Mode:
     on: tuple[str, ...] = ()
 
 
+def switch(section: str, key: str, with_on: bool = False) -> Mode:
+    """The mode of the boolean key ``section.key``: on while it is true (``with_on``: the tests
+    also turn it on, for a key that is off by default or a mode that needs it said)."""
+    name = f"{section}.{key}"
+    return Mode(
+        lambda c: getattr(getattr(c, section), key),
+        lambda c: f"{name}=false",
+        f"set {name}=true",
+        off=(f"{name}=false",),
+        on=(f"{name}=true",) if with_on else (),
+    )
+
+
 EMA_TARGET = Mode(
     lambda c: c.model.target == "ema",
     lambda c: f"model.target={c.model.target}",
@@ -66,13 +79,7 @@ VICREG = Mode(
     off=("loss.regularizer=sigreg",),
     on=("loss.regularizer=sigreg+vicreg",),
 )
-CONTRAST = Mode(
-    lambda c: c.loss.contrastive,
-    lambda c: "loss.contrastive=false",
-    "set loss.contrastive=true",
-    off=("loss.contrastive=false",),
-    on=("loss.contrastive=true",),
-)
+CONTRAST = switch("loss", "contrastive", with_on=True)
 MULTICROP = Mode(
     lambda c: c.data.multicrop.num_local > 0,
     lambda c: "data.multicrop.num_local=0",
@@ -120,25 +127,9 @@ IMAGE_FOLDER = Mode(
     off=("data.name=fashion_mnist",),
     on=("data.name=image_folder",),
 )
-LOW_SHOT = Mode(
-    lambda c: c.eval.low_shot,
-    lambda c: "eval.low_shot=false",
-    "set eval.low_shot=true",
-    off=("eval.low_shot=false",),
-)
-ATTENTIVE_PROBE = Mode(
-    lambda c: c.eval.attentive,
-    lambda c: "eval.attentive=false",
-    "set eval.attentive=true",
-    off=("eval.attentive=false",),
-)
-ROBUSTNESS = Mode(
-    lambda c: c.eval.robustness,
-    lambda c: "eval.robustness=false",
-    "set eval.robustness=true",
-    off=("eval.robustness=false",),
-    on=("eval.robustness=true",),
-)
+LOW_SHOT = switch("eval", "low_shot")
+ATTENTIVE_PROBE = switch("eval", "attentive")
+ROBUSTNESS = switch("eval", "robustness", with_on=True)
 CACHED_WORK = Mode(  # what the baseline cache holds: the baselines, robustness's pixel probe
     lambda c: c.eval.baselines or c.eval.robustness,
     lambda c: "eval.baselines=false and eval.robustness=false",
