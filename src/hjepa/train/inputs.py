@@ -24,7 +24,7 @@ from hjepa.config import Config
 from hjepa.data.augment import BatchAugment, to_float
 from hjepa.data.buckets import TokenBuckets
 from hjepa.data.deit3 import DeiT3Augment
-from hjepa.data.masks import sampler_from_config
+from hjepa.data.masks import MultiBlockMaskSampler, sampler_from_config
 from hjepa.data.multicrop import LocalCrops
 from hjepa.models.hjepa import MaskIndices
 from hjepa.train import distributed
@@ -61,12 +61,20 @@ def mask_preparer(cfg: Config, global_batch: int, pad_tokens: bool = False):
     sampler, seed = sampler_from_config(cfg), cfg.train.seed
     buckets = TokenBuckets.for_sampler(sampler, global_batch) if pad_tokens else None
 
-    def prepare(micro: int) -> MaskIndices:
-        masks = sampler.sample(global_batch, _generator(seed, micro, Stream.MASKS))
-        index = MaskIndices.from_masks(masks)
-        return index if buckets is None else index.padded(buckets)
+    return lambda micro: draw_mask_indices(sampler, buckets, seed, micro, global_batch)
 
-    return prepare
+
+def draw_mask_indices(
+    sampler: MultiBlockMaskSampler,
+    buckets: TokenBuckets | None,
+    seed: int,
+    micro: int,
+    batch: int,
+) -> MaskIndices:
+    """The CPU mask indices of micro-batch ``micro`` (``batch`` images, its own mask stream),
+    padded to ``buckets`` when given: the one draw both the step and the audit make."""
+    index = MaskIndices.from_masks(sampler.sample(batch, _generator(seed, micro, Stream.MASKS)))
+    return index if buckets is None else index.padded(buckets)
 
 
 class InputPipeline:
@@ -132,11 +140,8 @@ class InputPipeline:
         """This rank's mask indices of micro-batch ``micro`` (``batch`` images in all, default
         the global micro-batch), on the CPU (page-locked on CUDA)."""
         batch = self.global_batch if batch is None else batch
-        masks = self.masks.sample(batch, _generator(self.seed, micro, Stream.MASKS))
         # Indices are computed on the CPU: the forward pass then never syncs with the GPU.
-        index = MaskIndices.from_masks(masks)
-        if self.buckets is not None:
-            index = index.padded(self.buckets)
+        index = draw_mask_indices(self.masks, self.buckets, self.seed, micro, batch)
         index = index.rows(self.dist.shard())
         if self.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
             index = index.pin_memory()
