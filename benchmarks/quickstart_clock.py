@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         total = trainer.total_steps
         # The preset probes every knn_every steps and after the last one.
         probes = total // knn_every + (total % knn_every != 0) if knn_every else 1
-        probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
+        probe = OnlineProbe.from_config(cfg, trainer.mean, trainer.std, trainer.device)
 
         def fit(steps: int) -> tuple[float, float]:
             return _timed(lambda: trainer.fit(stop_after=steps))
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         fit(2)  # warm-up
-        probe(trainer.model.target_encoder)  # loads the probe's data
+        probe(trainer.model.target_encoder)  # warm-up: the first call pays one-off costs
         before = training()
         cache = [f"eval.cache_dir={Path(tmp) / 'cache'}"]
         runs = (

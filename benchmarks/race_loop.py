@@ -147,8 +147,8 @@ class Loop:
         from hjepa.train.monitor import OnlineProbe
 
         t = self.trainer
-        probe = OnlineProbe(t.cfg, t.channels, t.mean, t.std, t.device)
-        probe(t.model.target_encoder)  # first call loads the probe's data
+        probe = OnlineProbe.from_config(t.cfg, t.mean, t.std, t.device)
+        probe(t.model.target_encoder)  # warm-up: the first call pays one-off costs
         start = time.perf_counter()
         probe(t.model.target_encoder)
         t.model.train()

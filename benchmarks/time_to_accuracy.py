@@ -81,7 +81,7 @@ def run_curve(
     trainer = Trainer(cfg)  # holds the seed's random initialisation until the first fit()
     if cfg.model.levels == 1:
         linear = tuple(dict.fromkeys("level0" if n == "concat" else n for n in linear))
-    probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device, linear)
+    probe = OnlineProbe.from_config(cfg, trainer.mean, trainer.std, trainer.device, linear)
     if not any(r["kind"] == "pixels" for r in done):
         _append(curve, {"kind": "pixels", **probe.pixels()})
     probes = [r for r in done if r["kind"] == "probe"]

@@ -79,7 +79,7 @@ def test_training_beats_its_random_initialisation(tmp_path):
         None, [*LEARN, f"data.root={tmp_path / 'digits'}", f"run.dir={tmp_path / 'run'}"]
     )
     trainer = Trainer(cfg)
-    probe = OnlineProbe(cfg, trainer.channels, trainer.mean, trainer.std, trainer.device)
+    probe = OnlineProbe.from_config(cfg, trainer.mean, trainer.std, trainer.device)
     before = probe(trainer.model.target_encoder)  # the encoder training starts from
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]

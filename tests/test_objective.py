@@ -381,11 +381,10 @@ def test_probe_logs_sigreg_of_each_level_and_training_warns_on_collapse(
     trainer = Trainer(tiny_config("train.max_steps=1"))  # no SIGReg in the loss
     trainer.fit()
     probe = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").open() if '"probe"' in x][-1]
-    probe_data = OnlineProbe(trainer.cfg, trainer.channels, trainer.mean, trainer.std, "cpu")
-    _, query, _ = probe_data.datasets()  # the held-out images the probe used
+    probe_data = OnlineProbe.from_config(trainer.cfg, trainer.mean, trainer.std, "cpu")
     feats, _ = encoder_features(
         trainer.model.target_encoder,
-        query,
+        probe_data.query,  # the held-out images the probe used
         levels=3,
         mean=trainer.mean,
         std=trainer.std,

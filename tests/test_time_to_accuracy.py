@@ -42,7 +42,7 @@ def test_curve_probes_every_stretch_against_its_baselines(tmp_path):
     # The probes are the trainer's online probe, plus the linear probe, of the same encoders.
     cfg = load_config(None, [*OVERRIDES, f"run.dir={tmp_path / 'ref'}"])
     ref = Trainer(cfg)
-    probe = OnlineProbe(cfg, ref.channels, ref.mean, ref.std, "cpu", linear=("concat",))
+    probe = OnlineProbe.from_config(cfg, ref.mean, ref.std, "cpu", linear=("concat",))
     at_init = probe(ref.model.target_encoder)
     assert at_init["knn_concat"] == probes[0]["knn_concat"]
     assert at_init["linear_concat"] == probes[0]["linear_concat"]

@@ -19,14 +19,14 @@ def _train(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     try:
-        trainer = train(cfg, allow_config_change=args.allow_config_change)
+        result = train(cfg, allow_config_change=args.allow_config_change)
     except TrainingInterrupted as stop:
         if stop.is_main:  # one line per job, not per torchrun rank
             again = shlex.join(["hjepa", *args.argv])
             print(f"hjepa train: {stop.describe()}; resume with: {again}", file=sys.stderr)
         return stop.exit_code
-    if trainer.dist.is_main:  # one line per job, not per torchrun rank
-        print(f"trained {trainer.step}/{trainer.total_steps} steps; run dir: {cfg.run.dir}")
+    if result.is_main:  # one line per job, not per torchrun rank
+        print(f"trained {result.step}/{result.total_steps} steps; run dir: {cfg.run.dir}")
     return 0
 
 

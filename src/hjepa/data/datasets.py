@@ -133,19 +133,17 @@ def dataset_from_config(cfg: Config, split: str) -> Dataset:
     )
 
 
-def resolve_channels(cfg: Config, dataset: Dataset) -> int:
-    """The channels a run trains on; ``data.channels=0`` becomes the dataset's, so the run's
-    ``config.yaml`` records them. An explicit value the image files contradict is refused."""
-    d, files = cfg.data, getattr(dataset, "file_channels", None)
-    if files is not None and d.channels and (d.channels == 3) != bool(files.colour):
-        also = " (for grayscale training, convert the files first)" if d.channels == 1 else ""
+def resolve_channels(asked: int, root: str, dataset: Dataset) -> int:
+    """The channels a run trains on: the dataset's, else ``asked`` (``data.channels``; 0 when
+    unset), else 1. An ``asked`` value the image files under ``root`` contradict is refused."""
+    files = getattr(dataset, "file_channels", None)
+    if files is not None and asked and (asked == 3) != bool(files.colour):
+        also = " (for grayscale training, convert the files first)" if asked == 1 else ""
         raise ConfigError(
-            f"data.channels={d.channels} contradicts the images of {d.root}: "
+            f"data.channels={asked} contradicts the images of {root}: "
             f"{files.describe()}; leave data.channels=0 to follow the files{also}"
         )
-    channels = int(getattr(dataset, "channels", None) or d.channels or 1)
-    d.channels = d.channels or channels
-    return channels
+    return int(getattr(dataset, "channels", None) or asked or 1)
 
 
 def dataset_record(dataset: Dataset) -> dict[str, Any] | None:

@@ -5,7 +5,8 @@ A falling JEPA loss proves nothing (a collapsed encoder drives it to zero), so e
 and a fixed held-out test subset are compared with a kNN, and per level the embedding std,
 effective rank, collapse verdict and SIGReg statistic of the test features are logged (the
 statistic whether or not SIGReg is in the loss). :func:`collapse_warning` turns a collapsed
-verdict into the warning line the trainer prints.
+verdict into the warning line the trainer prints. The probe takes values and datasets, not
+the config: :meth:`OnlineProbe.from_config` reads what it needs (:class:`ProbeSettings`).
 
 With ``linear`` naming features (``("concat",)``; the time-to-accuracy benchmark, not the
 trainer) a linear probe is also fit on those bank features and scored on the same queries, and
@@ -16,6 +17,7 @@ one protocol.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,7 +27,7 @@ from hjepa.config import Config
 from hjepa.data.datasets import dataset_from_config
 from hjepa.data.subsets import fixed_subset
 from hjepa.eval.collapse import collapse_report
-from hjepa.eval.features import pixel_features, run_features
+from hjepa.eval.features import encoder_features, pixel_features
 from hjepa.eval.knn import knn_accuracy
 from hjepa.eval.linear import linear_probe
 from hjepa.losses.sigreg import SIGReg
@@ -55,54 +57,94 @@ def collapse_warning(step: int, probe: dict) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What the online probe reads of a run's config (:meth:`OnlineProbe.from_config`)."""
+
+    levels: int  # model.levels: the feature sets probed, level0.. and concat
+    image_size: int  # data.image_size
+    batch_size: int  # eval.batch_size: images per forward pass
+    knn_k: int  # eval.knn_k
+    knn_temperature: float  # eval.knn_temperature
+    bank_size: int  # train.knn_bank_size: training images in the memory bank
+    query_size: int  # train.knn_query_size: held-out images scored against it
+
+
 class OnlineProbe:
+    """The kNN probe (and collapse diagnostics) of an encoder on a fixed ``settings.bank_size``
+    subset of ``train_split`` (the memory bank) and a fixed ``settings.query_size`` subset of
+    ``test_split`` (the queries): the same images at every call. ``bank`` and ``query`` are
+    those subsets."""
+
     def __init__(
         self,
-        cfg: Config,
-        channels: int,
+        settings: ProbeSettings,
+        train_split: Dataset,
+        test_split: Dataset,
         mean: Tensor,
         std: Tensor,
         device,
         linear: Sequence[str] = (),
     ):
-        self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
+        self.settings, self.mean, self.std, self.device = settings, mean, std, device
         self.linear = tuple(linear)  # features that also get a linear probe ("pixels" too)
-        self._sets: tuple[Dataset, Dataset, int] | None = None
+        self.bank = fixed_subset(train_split, settings.bank_size, seed=1)
+        self.query = fixed_subset(test_split, settings.query_size, seed=2)
+        self.num_classes = int(getattr(train_split, "num_classes", 0))
         # Rank 0 alone probes: a statistic of its features, no collective with other ranks.
         self.sigreg = SIGReg(PROBE_SIGREG_SLICES, distributed=False)
 
-    def datasets(self) -> tuple[Dataset, Dataset, int]:
-        """The kNN memory bank, the held-out query set and the number of classes."""
-        if self._sets is None:  # loaded on first use, so short runs that never probe pay nothing
-            t = self.cfg.train
-            train = dataset_from_config(self.cfg, "train")
-            test = dataset_from_config(self.cfg, "test")
-            num_classes = int(getattr(train, "num_classes", 0))
-            self._sets = (
-                fixed_subset(train, t.knn_bank_size, seed=1),
-                fixed_subset(test, t.knn_query_size, seed=2),
-                num_classes,
-            )
-        return self._sets
+    @classmethod
+    def from_config(
+        cls, cfg: Config, mean: Tensor, std: Tensor, device, linear: Sequence[str] = ()
+    ) -> OnlineProbe:
+        """The probe of the run ``cfg`` describes, its two splits loaded now (so a missing or
+        damaged test split fails before training, not after it)."""
+        settings = ProbeSettings(
+            levels=cfg.model.levels,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.eval.batch_size,
+            knn_k=cfg.eval.knn_k,
+            knn_temperature=cfg.eval.knn_temperature,
+            bank_size=cfg.train.knn_bank_size,
+            query_size=cfg.train.knn_query_size,
+        )
+        splits = (dataset_from_config(cfg, "train"), dataset_from_config(cfg, "test"))
+        return cls(settings, *splits, mean, std, device, linear)
+
+    def _features(self, encoder: VisionTransformer, dataset: Dataset):
+        s = self.settings
+        return encoder_features(
+            encoder,
+            dataset,
+            levels=s.levels,
+            mean=self.mean,
+            std=self.std,
+            image_size=s.image_size,
+            batch_size=s.batch_size,
+            device=self.device,
+        )
+
+    def _knn(self, bank: Tensor, bank_labels: Tensor, query: Tensor, labels: Tensor) -> float:
+        s = self.settings
+        return knn_accuracy(
+            bank,
+            bank_labels,
+            query,
+            labels,
+            self.num_classes,
+            k=s.knn_k,
+            temperature=s.knn_temperature,
+        )
 
     @torch.no_grad()
     def __call__(self, encoder: VisionTransformer) -> dict[str, float | bool]:
-        bank, query, num_classes = self.datasets()
         # Decoded in this process (small sets): an unreadable image's warning reaches the user.
-        setup = (self.cfg, self.mean, self.std, self.device)
-        bank_feats, bank_labels = run_features(encoder, bank, *setup)
-        query_feats, query_labels = run_features(encoder, query, *setup)
+        bank_feats, bank_labels = self._features(encoder, self.bank)
+        query_feats, query_labels = self._features(encoder, self.query)
         out: dict[str, float | bool] = {}
         for name, feats in query_feats.items():
-            out[f"knn_{name}"] = knn_accuracy(
-                bank_feats[name],
-                bank_labels,
-                feats,
-                query_labels,
-                num_classes,
-                k=self.cfg.eval.knn_k,
-                temperature=self.cfg.eval.knn_temperature,
-            )
+            out[f"knn_{name}"] = self._knn(bank_feats[name], bank_labels, feats, query_labels)
             if name in self.linear:
                 out[f"linear_{name}"] = self._linear(
                     bank_feats[name], bank_labels, feats, query_labels
@@ -118,10 +160,9 @@ class OnlineProbe:
         return out
 
     def _linear(self, bank: Tensor, bank_labels: Tensor, query: Tensor, labels: Tensor) -> float:
-        num_classes = self.datasets()[2]
         # The evaluation's probe, fit to convergence (5 weight decays + refit on a 5 000-image
         # bank: 10-20 s per feature set on the shared 2-core CPU, so fit only what a curve shows).
-        fit = linear_probe(bank, bank_labels, query, labels, num_classes)
+        fit = linear_probe(bank, bank_labels, query, labels, self.num_classes)
         return fit["accuracy"]
 
     @torch.no_grad()
@@ -129,22 +170,10 @@ class OnlineProbe:
         """kNN (and, when ``linear`` names any feature, the linear probe) of raw normalised
         pixels on the same bank and queries: the baseline every curve of this probe is drawn
         against."""
-        bank, query, num_classes = self.datasets()
-        kw = dict(mean=self.mean, std=self.std, image_size=self.cfg.data.image_size)
-        bank_feats, bank_labels = pixel_features(bank, **kw)
-        query_feats, query_labels = pixel_features(query, **kw)
-        e = self.cfg.eval
-        out = {
-            "knn": knn_accuracy(
-                bank_feats,
-                bank_labels,
-                query_feats,
-                query_labels,
-                num_classes,
-                k=e.knn_k,
-                temperature=e.knn_temperature,
-            )
-        }
+        kw = dict(mean=self.mean, std=self.std, image_size=self.settings.image_size)
+        bank_feats, bank_labels = pixel_features(self.bank, **kw)
+        query_feats, query_labels = pixel_features(self.query, **kw)
+        out = {"knn": self._knn(bank_feats, bank_labels, query_feats, query_labels)}
         if self.linear:
             out["linear"] = self._linear(bank_feats, bank_labels, query_feats, query_labels)
         return out

@@ -198,9 +198,11 @@ def build_model(
 def _training_set(cfg: Config, device: torch.device) -> Dataset:
     """The training split, its first image checked against the model's input; small in-memory
     sets live on the GPU, so batches are gathered there with no host copies."""
+    d = cfg.data
     train_set = dataset_from_config(cfg, "train")
-    channels = resolve_channels(cfg, train_set)  # data.channels=0 takes the data's
-    check_first_image(train_set, cfg.data.name, channels)
+    channels = resolve_channels(d.channels, d.root, train_set)
+    d.channels = d.channels or channels  # data.channels=0 takes the data's (config.yaml shows)
+    check_first_image(train_set, d.name, channels)
     images = getattr(train_set, "images", None)
     if device.type == "cuda" and images is not None and images.nbytes <= GPU_DATA_BYTES:
         train_set.images = images.to(device)

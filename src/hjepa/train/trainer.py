@@ -408,9 +408,10 @@ class Trainer:
 
     def _start(
         self, stop_after: int
-    ) -> tuple[MetricsLogger | distributed.NullLogger, OnlineProbe, int]:
-        """Open the run dir (resuming), its logger and online probe, and say where the run
-        stands. Returns them and the step this invocation ends at."""
+    ) -> tuple[MetricsLogger | distributed.NullLogger, OnlineProbe | None, int]:
+        """Open the run dir (resuming), its logger and online probe (None where this process
+        never probes), and say where the run stands. Returns them and the step this invocation
+        ends at."""
         t, main = self.cfg.train, self.dist.is_main  # rank 0 alone logs, probes and writes
         resumed = self._open_run_dir()
         if main:  # every invocation, resumes included, next to config.yaml
@@ -422,10 +423,10 @@ class Trainer:
             if main
             else distributed.NullLogger()
         )
-        probe = OnlineProbe(self.cfg, self.channels, self.mean, self.std, self.device)
         end = min(self.total_steps, self.step + stop_after) if stop_after else self.total_steps
+        probe = None  # rank 0 probes on the knn_every cadence and at the end of the schedule
         if main and self.step < end and (t.knn_every or end == self.total_steps):
-            probe.datasets()  # a missing or damaged test split fails now, not after training
+            probe = OnlineProbe.from_config(self.cfg, self.mean, self.std, self.device)
         if resumed and main:
             also = self.run_only_changes + self.recipe_changes
             shown = f" ({', '.join(map(str, also))})" if also else ""
@@ -438,13 +439,15 @@ class Trainer:
             logger.log(self.step, "init_from", self.warm_start.record())
         return logger, probe, end
 
-    def _probe_and_save(self, probe: OnlineProbe, logger, finished: bool) -> None:
+    def _probe_and_save(self, probe: OnlineProbe | None, logger, finished: bool) -> None:
         """The online kNN probe on its cadence (and at the end of the schedule), then the
         checkpoint on its cadence (and when this invocation ends); rank 0 only."""
         if not self.dist.is_main:
             return
         every = self.cfg.train.knn_every
-        if self.step == self.total_steps or (every and self.step % every == 0):
+        due = self.step == self.total_steps or (every and self.step % every == 0)
+        if due:
+            assert probe is not None, "_start builds the probe whenever one is due"
             probed = probe(self.model.target_encoder)
             logger.log(self.step, "probe", probed)
             console.say(console.probe_line(self.step, probed))
@@ -541,7 +544,17 @@ def nonfinite_reason(
     )
 
 
-def train(cfg: Config, allow_config_change: bool = False) -> Trainer:
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a :func:`train` call left its run: ``step`` of the schedule's ``total_steps``, and
+    whether this process is rank 0 (the one that reports, under torchrun)."""
+
+    step: int
+    total_steps: int
+    is_main: bool
+
+
+def train(cfg: Config, allow_config_change: bool = False) -> TrainResult:
     """Train ``cfg`` (resuming its run dir); :class:`TrainingInterrupted` on SIGINT/SIGTERM."""
     trainer = Trainer(cfg, allow_config_change=allow_config_change)
     try:
@@ -555,7 +568,14 @@ def train(cfg: Config, allow_config_change: bool = False) -> Trainer:
         trainer.parts.drop_ddp()
         gc.collect()
         distributed.cleanup(trainer.dist)  # leaves the process group torchrun's job set up
-    return trainer
+    return TrainResult(trainer.step, trainer.total_steps, trainer.dist.is_main)
 
 
-__all__ = ["Trainer", "StepResult", "train", "NonFiniteLossError", "TrainingInterrupted"]
+__all__ = [
+    "Trainer",
+    "StepResult",
+    "TrainResult",
+    "train",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+]
