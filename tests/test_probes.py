@@ -14,6 +14,7 @@ from hjepa.eval.linear import (
     DEFAULT_MAX_ITER,
     ConvergenceWarning,
     _fit,
+    _refit,
     class_balanced_subset,
     fit_linear_classifier,
     linear_probe,
@@ -256,6 +257,22 @@ def test_linear_fit_reaches_the_same_minimum_from_any_start():
     logits = [x @ w.T + b - b.mean() for w, b in (cold, warm)]  # a common bias shift is void
     torch.testing.assert_close(logits[0], logits[1], atol=1e-3, rtol=0)
     assert torch.equal(logits[0].argmax(1), logits[1].argmax(1))
+
+
+def test_refit_warm_started_in_float32_ends_at_the_float64_minimum():
+    """The refit's float32 first stage only moves the start: it ends where a float64 fit from
+    zero ends, in float64, with a gradient under the float64 tolerance."""
+    feats, labels = correlated_task(3000, 4)
+    classifier = fit_linear_classifier(feats, labels, 4, weight_decays=(1e-3,))
+    x = classifier.scaler(feats)
+    assert x.dtype == torch.float64
+    direct = _fit(x, labels, 4, 1e-3, DEFAULT_MAX_ITER)
+    two_stage = _refit(x, labels, 4, 1e-3, DEFAULT_MAX_ITER, None)
+    assert two_stage[0].dtype == torch.float64 and two_stage[1].dtype == torch.float64
+    logits = [x @ w.T + b - b.mean() for w, b in (direct, two_stage)]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-3, rtol=0)
+    assert torch.equal(logits[0].argmax(1), logits[1].argmax(1))
+    assert _penalised_gradient(feats, labels, classifier) < 1e-5
 
 
 def test_a_fit_stopped_by_its_cap_warns():
