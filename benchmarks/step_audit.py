@@ -39,7 +39,7 @@ from hjepa.config import load_config
 from hjepa.experiments.race import SYNTHETIC
 from hjepa.grid import grid_side
 from hjepa.train import sizes
-from hjepa.train.inputs import mask_preparer
+from hjepa.train.parts import mask_preparer
 from hjepa.train.sync_audit import SyncCounter, attention_key_lengths
 
 

@@ -13,8 +13,7 @@ from hjepa.data.buckets import TokenBuckets, pad_to
 from hjepa.data.masks import sampler_from_config
 from hjepa.grid import grid_side
 from hjepa.models.hjepa import MaskIndices
-from hjepa.train.inputs import mask_preparer
-from hjepa.train.parts import build_parts
+from hjepa.train.parts import build_parts, mask_preparer
 from hjepa.train.sync_audit import attention_key_lengths
 
 DRAWS = 50

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from hjepa.train.inputs import mask_preparer
+from hjepa.train.parts import mask_preparer
 from hjepa.train.trainer import Trainer
 
 STEPS = 20

@@ -29,7 +29,7 @@ def test_an_unknown_scale_mode_is_refused():
 
 def test_the_default_uses_no_reproduction(tiny_config):
     trainer = Trainer(tiny_config())
-    assert trainer.ema_after_step and trainer.inputs.masks.rule is None
+    assert trainer.ema_after_step and trainer.inputs.draws.sampler.rule is None
     sampler = MultiBlockMaskSampler(8, levels=3)
     masks_ = sampler.sample(2, torch.Generator().manual_seed(0))
     # Constant mode: every level is built from the level-0 target blocks themselves.

@@ -3,15 +3,18 @@
 Every operation that needs a value on the host (``.item()``, ``bool(t)``, ``nonzero``,
 boolean-mask indexing, a tensor made from host values) is counted by a ``TorchDispatchMode``
 (:class:`hjepa.train.sync_audit.SyncCounter`) around whole ``Trainer.train_step`` calls; the
-masks are drawn by the batch producer, before the step. The non-finite policy is decided on the
+masks are drawn ahead, before the step, and with a draw worker (an accelerator's default) the
+training process reads nothing to get a batch either. The non-finite policy is decided on the
 device and read back on the logging cadence.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from hjepa.train.parts import build_inputs, build_parts
 from hjepa.train.sync_audit import SyncCounter
 from hjepa.train.trainer import NonFiniteLossError, Trainer
 
@@ -49,6 +52,33 @@ def test_a_training_step_reads_nothing_back(tiny_config, overrides):
     assert counter.total == 0, counter.per_step(3)
     assert counter.ops > 100  # it did count the steps' operations
     assert len(counter.attention_lengths) >= 2  # and saw their attention calls
+
+
+@pytest.mark.parametrize("draw_workers", [0, 1])
+def test_with_a_draw_worker_the_producer_reads_nothing_either(tiny_config, draw_workers):
+    cfg = tiny_config("train.max_steps=20", *QUICKSTART_LIKE)
+    parts = build_parts(cfg)
+    inputs = build_inputs(cfg, parts.data, parts.env, parts.device, draw_workers=draw_workers)
+    trainer = Trainer(cfg, parts=dataclasses.replace(parts, inputs=inputs))
+    trainer.model.train()
+    batches = trainer.step_batches()
+    trainer.train_step(next(batches))  # first step: the draw loader's start, optimizer state
+    producer, step, images_only = SyncCounter(), SyncCounter(), SyncCounter()
+    for _ in range(3):
+        with producer:
+            micro_batches = next(batches)
+        with step:
+            trainer.train_step(micro_batches)
+    images = trainer.loader.iter_epoch(1)
+    for _ in range(3):  # what loading the images alone makes: the batches from host memory
+        with images_only:
+            next(images)
+    assert step.total == 0, step.per_step(3)
+    drawing = producer.total - images_only.total
+    if draw_workers:  # masks and crops came from the worker: no read here, only the images
+        assert drawing == 0 and set(producer.syncs) <= {"host_tensor"}, producer.per_step(3)
+    else:  # drawn in this process, by the producer: the counter sees the draws' reads
+        assert drawing > 0 and producer.syncs["_local_scalar_dense"] > 0
 
 
 def _poison_objective(trainer: Trainer, monkeypatch) -> None:

@@ -216,10 +216,26 @@ class BatchAugment:
         the crop and flip it would get in a single process.
         """
         rank, world = shard
-        n = x.shape[0] * world
-        boxes = sample_crop_boxes(n, x.shape[2], x.shape[3], self.scale, self.ratio, generator)
-        flip = _rand((n,), generator) < self.flip_prob
-        boxes, flip = boxes[rank::world], flip[rank::world]
+        boxes, flip = self.draw(x.shape[0] * world, x.shape[2], x.shape[3], generator)
+        return self.apply(x, boxes[rank::world], flip[rank::world])
+
+    def draw(
+        self, n: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crop boxes (``[n, 4]``, :func:`sample_crop_boxes`) and flips (bool ``[n]``) of
+        ``n`` images of ``height`` x ``width``, on the CPU: what :meth:`__call__` draws, so a
+        DataLoader worker can draw them ahead and :meth:`apply` use them later."""
+        boxes = sample_crop_boxes(n, height, width, self.scale, self.ratio, generator)
+        flip = _rand((n,), generator).cpu() < self.flip_prob
+        return boxes, flip
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch ``x`` normalised only (a view whose crop was cut elsewhere)."""
+        return to_float(x, self.mean, self.std)
+
+    def apply(self, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Normalise the uint8 batch ``x`` and resample each image's box (one row of ``boxes``
+        and ``flip`` per image) to the output size."""
         if x.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
             boxes = boxes.pin_memory().to(x.device, non_blocking=True)
             flip = flip.pin_memory().to(x.device, non_blocking=True)

@@ -15,12 +15,18 @@ random resized crop from the whole image. The seed of an image is drawn by :func
 from the run seed, the micro-batch number (``epoch * len(loader) + batch``) and the image's
 position in the global micro-batch (row ``j`` of rank ``r`` is position ``j * world_size + r``),
 so the crops do not depend on the number of workers or ranks, or on a restart.
+
+What a training step draws on the host for a micro-batch (its masks, its crop boxes) depends
+only on the micro-batch number, so :func:`draws_ahead` runs those draws in DataLoader workers,
+ahead of the step, by number: the process that trains then reads no value to draw them.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ from hjepa.data.image_folder import CropKey
 from hjepa.data.tensors import ImageTensors
 
 _CROP_SEED_STREAM = 1  # keeps crop seeds apart from the order's (seed, epoch) stream
+Drawn = TypeVar("Drawn")
 
 
 def _ignore_ctrl_c(_worker_id: int) -> None:
@@ -246,3 +253,43 @@ class EpochLoader:
                 if labels.numel() == 0:
                     continue
             yield images, labels
+
+
+class _ByNumber(Dataset):
+    """``dataset[micro]`` is ``draw(micro)``: the DataLoader's workers run the draws."""
+
+    def __init__(self, draw: Callable[[int], Drawn]) -> None:
+        self.draw = draw
+
+    def __getitem__(self, micro: int) -> Drawn:
+        return self.draw(micro)
+
+
+def _as_drawn(drawn: Drawn) -> Drawn:
+    """The collate function: a draw arrives as it was made (no tensor conversion)."""
+    return drawn
+
+
+def draws_ahead(
+    draw: Callable[[int], Drawn], first_micro: int, workers: int, pin_memory: bool = False
+) -> Iterator[Drawn]:
+    """``draw(first_micro)``, ``draw(first_micro + 1)``, ... without end, made by ``workers``
+    DataLoader worker processes a few micro-batches ahead (``workers=0``: in this process,
+    one at a time, when asked). ``draw`` must be a pure function of the number (and picklable
+    where workers are spawned, not forked), so the result does not depend on ``workers``.
+    ``pin_memory``: page-locked results (a draw with a ``pin_memory()`` method gets it called).
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    loader = DataLoader(
+        _ByNumber(draw),
+        batch_size=None,  # one draw per micro-batch number
+        sampler=range(first_micro, sys.maxsize),
+        num_workers=workers,
+        collate_fn=_as_drawn,
+        worker_init_fn=_ignore_ctrl_c if workers else None,
+        pin_memory=pin_memory,
+        # Its own generator: the worker seed would otherwise come from the global RNG.
+        generator=torch.Generator().manual_seed(first_micro),
+    )
+    return iter(loader)

@@ -11,25 +11,33 @@ When the loader's workers already cut the training view (an image folder: a rand
 and flip of the whole image, :mod:`hjepa.data.loader`), the first view is only normalised here;
 the rest (DeiT III options, masks) is unchanged. The second view (VICReg / C-JEPA) and the
 multi-crop local views are then cropped from that training view, not from the whole image.
+
+The draws that read values on the host (mask sampling and index building; the first view's
+crop boxes and flips when the pipeline cuts it) are :class:`InputDraws`, a pure function of the
+micro-batch number: DataLoader workers make them ahead of the step
+(:func:`hjepa.data.loader.draws_ahead`), and the step only applies them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 from torch import Tensor
 
-from hjepa.config import Config
-from hjepa.data.augment import BatchAugment, to_float
+from hjepa.data.augment import BatchAugment
 from hjepa.data.buckets import TokenBuckets
 from hjepa.data.deit3 import DeiT3Augment
-from hjepa.data.masks import MultiBlockMaskSampler, sampler_from_config
+from hjepa.data.loader import draws_ahead
+from hjepa.data.masks import MultiBlockMaskSampler
 from hjepa.data.multicrop import LocalCrops
 from hjepa.models.hjepa import MaskIndices
 from hjepa.train import distributed
 
-_PREPARED_AHEAD = 4  # micro-batches whose masks prepare() keeps until their step takes them
+_PREPARED_AHEAD = 4  # micro-batches whose draws keep() holds until their step takes them
 
 
 class Stream(IntEnum):
@@ -54,16 +62,6 @@ def _generator(seed: int, micro: int, stream: Stream) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, micro, stream))
 
 
-def mask_preparer(cfg: Config, global_batch: int, pad_tokens: bool = False):
-    """``prepare(micro) -> MaskIndices``: the mask indices of the whole global micro-batch
-    ``micro`` (CPU), drawn from its own mask stream, exactly as a training step of ``cfg`` draws
-    them (``pad_tokens``: padded as on an accelerator or under ``train.compile``)."""
-    sampler, seed = sampler_from_config(cfg), cfg.train.seed
-    buckets = TokenBuckets.for_sampler(sampler, global_batch) if pad_tokens else None
-
-    return lambda micro: draw_mask_indices(sampler, buckets, seed, micro, global_batch)
-
-
 def draw_mask_indices(
     sampler: MultiBlockMaskSampler,
     buckets: TokenBuckets | None,
@@ -72,80 +70,138 @@ def draw_mask_indices(
     batch: int,
 ) -> MaskIndices:
     """The CPU mask indices of micro-batch ``micro`` (``batch`` images, its own mask stream),
-    padded to ``buckets`` when given: the one draw both the step and the audit make."""
+    padded to ``buckets`` when given: the one draw of the step, its workers and the audit."""
     index = MaskIndices.from_masks(sampler.sample(batch, _generator(seed, micro, Stream.MASKS)))
     return index if buckets is None else index.padded(buckets)
 
 
-class InputPipeline:
-    """Turns a micro-batch of uint8 images into model inputs: augmented view(s), mask indices
-    and multi-crop local views, on ``device``.
+@dataclass
+class PreparedInputs:
+    """What :class:`InputDraws` drew for micro-batch ``micro`` of ``batch`` images (the global
+    micro-batch): this rank's mask indices and, when the first view is cut from images of
+    ``image_hw`` after loading, this rank's crop boxes and flips of it. CPU tensors."""
+
+    micro: int
+    batch: int
+    masks: MaskIndices
+    crop: tuple[Tensor, Tensor] | None = None  # boxes [B, 4], flips bool [B]
+    image_hw: tuple[int, int] | None = None  # the image size the crop was drawn for
+
+    def pin_memory(self) -> PreparedInputs:
+        """Page-locked copies (the DataLoader calls this): the copy to the GPU overlaps."""
+        crop = None if self.crop is None else tuple(t.pin_memory() for t in self.crop)
+        return dataclasses.replace(self, masks=self.masks.pin_memory(), crop=crop)
+
+
+class InputDraws:
+    """``draws(micro)``: the draws of micro-batch ``micro`` that read values on the host (mask
+    sampling and index building, and the first view's crop boxes and flips when ``crop`` is
+    given), as :class:`PreparedInputs`. A pure function of ``micro``: the DataLoader workers
+    of :func:`hjepa.data.loader.draws_ahead` run it ahead of the step.
 
     Args:
-        cfg: the run's config (``data.*`` augmentation, ``masking.*``, ``train.seed``).
-        mean, std: per-channel normalisation of the dataset.
-        global_batch: images of one global micro-batch; one mask batch of that size is drawn
-            at once (own generator, no stream moves), so mask settings that cannot be met on
-            this grid fail before any compute instead of at some later step.
-        pad_tokens: pad the mask indices to a few fixed token counts
-            (:mod:`hjepa.data.buckets`; the model leaves the padding out of everything).
+        sampler: the multi-block mask sampler. One batch of ``global_batch`` is drawn now
+            (own generator, no stream moves), so mask settings that cannot be met on this grid
+            fail before any compute instead of at some later step.
+        seed: the run seed (``train.seed``).
+        global_batch: images of one global micro-batch.
+        shard: ``(rank, world_size)``; a draw keeps rows ``rank::world_size``.
+        buckets: pad the mask indices to these token counts (:mod:`hjepa.data.buckets`).
+        crop: the first view's crop and flip, drawn here for images of ``image_hw``.
+    """
+
+    def __init__(
+        self,
+        sampler: MultiBlockMaskSampler,
+        seed: int,
+        global_batch: int,
+        shard: tuple[int, int] = (0, 1),
+        buckets: TokenBuckets | None = None,
+        crop: BatchAugment | None = None,
+        image_hw: tuple[int, int] | None = None,
+    ):
+        if (crop is None) != (image_hw is None):
+            raise ValueError("InputDraws needs the image size (image_hw) exactly when it crops")
+        sampler.sample(global_batch, torch.Generator().manual_seed(seed))
+        self.sampler, self.seed, self.global_batch = sampler, seed, global_batch
+        self.shard, self.buckets = shard, buckets
+        self.crop, self.image_hw = crop, image_hw
+
+    def __call__(
+        self, micro: int, batch: int | None = None, image_hw: tuple[int, int] | None = None
+    ) -> PreparedInputs:
+        """The draws of micro-batch ``micro`` of ``batch`` images (default the global
+        micro-batch), cropping images of ``image_hw`` (default the size given at
+        construction)."""
+        batch = self.global_batch if batch is None else batch
+        rank, world = self.shard
+        index = draw_mask_indices(self.sampler, self.buckets, self.seed, micro, batch)
+        prepared = PreparedInputs(micro, batch, index.rows(slice(rank, None, world)))
+        if self.crop is not None:
+            hw = self.image_hw if image_hw is None else image_hw
+            gen = _generator(self.seed, micro, Stream.CROP_FLIP)
+            boxes, flip = self.crop.draw(batch, *hw, gen)
+            prepared.crop, prepared.image_hw = (boxes[rank::world], flip[rank::world]), hw
+        return prepared
+
+
+class InputPipeline:
+    """Turns a micro-batch of uint8 images into model inputs: augmented view(s), mask indices
+    and multi-crop local views, on ``device``. Its parts come built (``build_parts``).
+
+    Args:
+        draws: the host-side draws of a micro-batch (masks, first-view crop).
+        augment: crop, flip and normalisation of the views both encoders see.
+        seed: the run seed (``train.seed``): the streams of every other draw.
+        draw_workers: DataLoader workers that make the draws ahead (:meth:`prepared_from`);
+            0 draws in this process, in the batch producer.
+        extra_augment: the DeiT III options of the global views (None: off).
+        local_crops: the multi-crop local views (None: off).
         cropped_in_loader: the images arrive already cropped and flipped (the loader's
             ``serves_train_crops``): the first view is only normalised.
     """
 
     def __init__(
         self,
-        cfg: Config,
-        mean: Tensor,
-        std: Tensor,
+        draws: InputDraws,
+        augment: BatchAugment,
+        seed: int,
         device: torch.device,
         dist: distributed.DistEnv,
-        global_batch: int,
-        pad_tokens: bool = False,
+        *,
+        draw_workers: int = 0,
+        extra_augment: DeiT3Augment | None = None,
+        local_crops: LocalCrops | None = None,
         cropped_in_loader: bool = False,
     ):
-        d, a, mc = cfg.data, cfg.data.augment, cfg.data.multicrop
-        self.seed, self.device, self.dist = cfg.train.seed, device, dist
+        self.draws, self.augment, self.seed = draws, augment, seed
+        self.device, self.dist, self.draw_workers = device, dist, draw_workers
+        self.extra_augment, self.local_crops = extra_augment, local_crops
         self.cropped_in_loader = cropped_in_loader
-        self.masks = sampler_from_config(cfg)
-        self.masks.sample(global_batch, torch.Generator().manual_seed(self.seed))
-        self.global_batch = global_batch
-        self.buckets = TokenBuckets.for_sampler(self.masks, global_batch) if pad_tokens else None
-        self._prepared: dict[int, MaskIndices] = {}  # by micro-batch, drawn by prepare()
-        stats = dict(mean=mean.flatten().tolist(), std=std.flatten().tolist())
-        self.augment = BatchAugment(
-            out_size=d.image_size,
-            scale=tuple(d.crop_scale),
-            ratio=tuple(d.crop_ratio),
-            flip_prob=d.hflip,
-            **stats,
-        )
-        extra = DeiT3Augment.from_config(a, **stats)
-        self.extra_augment = extra if extra.enabled else None  # DeiT III options, global view
-        self.local_crops = (
-            LocalCrops(mc.num_local, mc.local_size, mc.local_scale, d.crop_ratio, d.hflip, **stats)
-            if mc.num_local
-            else None
-        )
+        self._prepared: dict[int, PreparedInputs] = {}  # by micro-batch, from keep()
 
-    def prepare(self, micro: int) -> None:
-        """Draw micro-batch ``micro``'s masks now, before its training step (the trainer's
-        batch producer calls this): mask sampling reads values on the host, so the step that
-        uses them then reads none. The draw is the one the step would make itself."""
-        self._prepared[micro] = self._mask_indices(micro)
+    def prepared_from(self, micro: int) -> Iterator[PreparedInputs]:
+        """The draws of micro-batches ``micro``, ``micro + 1``, ..., made ahead by
+        ``draw_workers`` DataLoader workers (in this process when 0): the trainer's batch
+        producer hands each to :meth:`keep` with its images."""
+        pin = self.device.type == "cuda"  # page-locked: the copy overlaps the GPU's work
+        return draws_ahead(self.draws, micro, self.draw_workers, pin_memory=pin)
+
+    def keep(self, prepared: PreparedInputs) -> None:
+        """Hold ``prepared`` until the step of its micro-batch takes it."""
+        self._prepared[prepared.micro] = prepared
         while len(self._prepared) > _PREPARED_AHEAD:  # draws nobody took (a tool's own loop)
             del self._prepared[min(self._prepared)]
 
-    def _mask_indices(self, micro: int, batch: int | None = None) -> MaskIndices:
-        """This rank's mask indices of micro-batch ``micro`` (``batch`` images in all, default
-        the global micro-batch), on the CPU (page-locked on CUDA)."""
-        batch = self.global_batch if batch is None else batch
-        # Indices are computed on the CPU: the forward pass then never syncs with the GPU.
-        index = draw_mask_indices(self.masks, self.buckets, self.seed, micro, batch)
-        index = index.rows(self.dist.shard())
-        if self.device.type == "cuda":  # page-locked: the copy overlaps the GPU's work
-            index = index.pin_memory()
-        return index
+    def _take_prepared(self, raw: Tensor, micro: int) -> PreparedInputs:
+        """Micro-batch ``micro``'s draws: those kept for it when they fit these images, else
+        drawn now (a tool that calls the pipeline itself, a batch of another size)."""
+        batch, hw = raw.shape[0] * self.dist.world_size, (raw.shape[2], raw.shape[3])
+        prepared = self._prepared.pop(micro, None)
+        if prepared is not None and prepared.batch == batch and prepared.image_hw in (None, hw):
+            return prepared
+        prepared = self.draws(micro, batch, hw)
+        return prepared.pin_memory() if self.device.type == "cuda" else prepared
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -157,23 +213,22 @@ class InputPipeline:
         seed = self.seed
         drop_path = distributed.rank_seed(step_seed(seed, micro, Stream.DROP_PATH), self.dist)
         torch.manual_seed(drop_path)
+        prepared = self._take_prepared(images, micro)
         raw = images.to(self.device, non_blocking=True)
-        x = self._first_view(raw, micro)
+        x = self._first_view(raw, micro, prepared)
         if self.extra_augment is not None:  # one augmented image feeds both encoders
             x = self.extra_augment(x, _generator(seed, micro, Stream.DEIT3), self.shard)
         views = None
         if self.local_crops is not None:
             views = self.local_crops(raw, _generator(seed, micro, Stream.LOCAL_CROPS), self.shard)
-        index = self._prepared.pop(micro, None)
-        batch = x.shape[0] * self.dist.world_size
-        if index is None or batch != self.global_batch:  # not prepared (a tool's own call)
-            index = self._mask_indices(micro, batch)
-        return x, index.to(self.device, non_blocking=True), views
+        return x, prepared.masks.to(self.device, non_blocking=True), views
 
-    def _first_view(self, raw: Tensor, micro: int) -> Tensor:
+    def _first_view(self, raw: Tensor, micro: int, prepared: PreparedInputs) -> Tensor:
         """The view both encoders see, before the DeiT III options."""
         if self.cropped_in_loader:  # the workers drew its crop and flip
-            return to_float(raw, self.augment.mean, self.augment.std)
+            return self.augment.normalize(raw)
+        if prepared.crop is not None:  # drawn ahead, with the masks
+            return self.augment.apply(raw, *prepared.crop)
         return self.augment(raw, _generator(self.seed, micro, Stream.CROP_FLIP), shard=self.shard)
 
     def second_view(self, images: Tensor, micro: int) -> Tensor:

@@ -14,7 +14,9 @@ trainer's step counters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,14 +25,19 @@ from torch.utils.data import Dataset
 
 from hjepa import checkpoint as ckpt
 from hjepa.config import Config
+from hjepa.data.augment import BatchAugment
+from hjepa.data.buckets import TokenBuckets
 from hjepa.data.datasets import check_first_image, dataset_from_config, resolve_channels
+from hjepa.data.deit3 import DeiT3Augment
 from hjepa.data.loader import EpochLoader
+from hjepa.data.masks import sampler_from_config
+from hjepa.data.multicrop import LocalCrops
 from hjepa.data.normalize import channel_stats
 from hjepa.device import check_support, pick_device, pick_precision
 from hjepa.losses.combined import Objective
-from hjepa.models.hjepa import HJEPA
+from hjepa.models.hjepa import HJEPA, MaskIndices
 from hjepa.train import distributed, sizes
-from hjepa.train.inputs import InputPipeline
+from hjepa.train.inputs import InputDraws, InputPipeline, draw_mask_indices
 from hjepa.train.optim import build_optimizer
 from hjepa.train.schedules import RunSchedules
 from hjepa.train.warm_start import WarmStart, load_init_weights
@@ -113,14 +120,7 @@ def build_parts(cfg: Config) -> Parts:
         *(o.start_lr, o.lr, o.final_lr, o.weight_decay, o.final_weight_decay),
         *(t.ema_start, t.ema_end),
     )
-    # Padded token counts where shapes cost (attention plans and graphs on an accelerator,
-    # graphs under torch.compile); an eager CPU step would only do the padding's work.
-    pad_tokens = device.type != "cpu" or t.compile
-    in_loader = data.loader.serves_train_crops  # an image folder's workers crop the views
-    global_batch = data.micro_batch * env.world_size
-    inputs = InputPipeline(
-        cfg, data.mean, data.std, device, env, global_batch, pad_tokens, cropped_in_loader=in_loader
-    )
+    inputs = build_inputs(cfg, data, env, device)
     model, warm_start = build_model(cfg, data.channels, inputs.local_crops is not None, device)
     ddp = distributed.wrap_trainable(
         model, None if model.shared_target else model.target_encoder, env, device
@@ -146,6 +146,63 @@ def build_parts(cfg: Config) -> Parts:
         ema_timing="none" if model.shared_target else t.ema_timing,  # EMA-free: no EMA
         warm_start=warm_start,
     )
+
+
+def build_inputs(
+    cfg: Config,
+    data: Data,
+    env: distributed.DistEnv,
+    device: torch.device,
+    draw_workers: int | None = None,
+) -> InputPipeline:
+    """The input pipeline: mask sampler, crop and flip, DeiT III options, multi-crop views.
+    ``draw_workers``: DataLoader workers that draw masks and crops ahead of the step (default:
+    one on an accelerator, none on a CPU, where a worker process only competes with the step
+    for the same cores)."""
+    d, mc = cfg.data, cfg.data.multicrop
+    stats = dict(mean=data.mean.flatten().tolist(), std=data.std.flatten().tolist())
+    augment = BatchAugment(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, **stats)
+    extra = DeiT3Augment.from_config(d.augment, **stats)
+    local_crops = None
+    if mc.num_local:
+        local_crops = LocalCrops(
+            mc.num_local, mc.local_size, mc.local_scale, d.crop_ratio, d.hflip, **stats
+        )
+    sampler, global_batch = sampler_from_config(cfg), data.micro_batch * env.world_size
+    # Padded token counts where shapes cost (attention plans and graphs on an accelerator,
+    # graphs under torch.compile); an eager CPU step would only do the padding's work.
+    pad = device.type != "cpu" or cfg.train.compile
+    buckets = TokenBuckets.for_sampler(sampler, global_batch) if pad else None
+    in_loader = data.loader.serves_train_crops  # an image folder's workers crop the views
+    crop = None if in_loader else augment  # else drawn ahead for the training images' size
+    image_hw = None if in_loader else tuple(data.train_set[0][0].shape[-2:])
+    draws = InputDraws(
+        sampler, cfg.train.seed, global_batch, (env.rank, env.world_size), buckets, crop, image_hw
+    )
+    if draw_workers is None:
+        draw_workers = 0 if device.type == "cpu" else 1
+    return InputPipeline(
+        draws,
+        augment,
+        cfg.train.seed,
+        device,
+        env,
+        draw_workers=draw_workers,
+        extra_augment=extra if extra.enabled else None,
+        local_crops=local_crops,
+        cropped_in_loader=in_loader,
+    )
+
+
+def mask_preparer(
+    cfg: Config, global_batch: int, pad_tokens: bool = False
+) -> Callable[[int], MaskIndices]:
+    """``prepare(micro) -> MaskIndices``: the mask indices of the whole global micro-batch
+    ``micro`` (CPU), exactly as a training step of ``cfg`` draws them (``pad_tokens``: padded
+    as on an accelerator or under ``train.compile``): for tools and tests."""
+    sampler, seed = sampler_from_config(cfg), cfg.train.seed
+    buckets = TokenBuckets.for_sampler(sampler, global_batch) if pad_tokens else None
+    return partial(draw_mask_indices, sampler, buckets, seed, batch=global_batch)
 
 
 def build_data(cfg: Config, env: distributed.DistEnv, device: torch.device) -> Data:

@@ -236,6 +236,10 @@ class Trainer:
     def batches(self) -> Iterator[tuple[int, Tensor]]:
         """Micro-batches from the current step on, crossing epochs, with their global number."""
         micro = self.step * self.cfg.train.accum_steps
+        # Masks (and crops of in-memory images) drawn ahead by number, in the pipeline's
+        # DataLoader workers: the step only applies them. A tool's own inputs draw their own.
+        pipeline = self.inputs if isinstance(self.inputs, InputPipeline) else None
+        drawn = pipeline.prepared_from(micro) if pipeline is not None else None
         while True:
             epoch, start = divmod(micro, self.micro_per_epoch)
             for images, _labels in self.loader.iter_epoch(epoch, start_batch=start):
@@ -244,8 +248,8 @@ class Trainer:
                     # draws) of the others, and every step sees a full batch.
                     refill = torch.arange(self.micro_batch - images.shape[0]) % images.shape[0]
                     images = torch.cat([images, images[refill]])
-                if isinstance(self.inputs, InputPipeline):  # masks drawn here, off the step
-                    self.inputs.prepare(micro)
+                if pipeline is not None:
+                    pipeline.keep(next(drawn))
                 yield micro, images
                 micro += 1
 
