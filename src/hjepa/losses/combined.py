@@ -208,15 +208,36 @@ class Objective(nn.Module):
             for lvl in range(len(out.predictions))
         ]
 
-    def forward(self, out: JEPAOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions."""
+    def draws(
+        self, step: int, dim: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, tuple[Tensor, ...]]:
+        """The random projections of ``step`` for each SIGReg term, on ``dim``-wide embeddings
+        (the encoder's width): :meth:`forward`'s ``draws``, drawn outside a compiled loss."""
+        sigregs = {"sigreg": self.sigreg, "view_sigreg": self.view_sigreg}
+        return {
+            name: sigreg.draw_at(step, dim, dtype, device)
+            for name, sigreg in sigregs.items()
+            if sigreg is not None
+        }
+
+    def forward(
+        self, out: JEPAOutput, step: int | None = None, draws: dict | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss and every unweighted term by name; ``step`` seeds SIGReg's directions,
+        or ``draws`` (:meth:`draws`) holds that step's: a compiled loss never reads the step."""
+        if (step is None) == (draws is None):
+            raise ValueError("Objective needs exactly one of step= and draws=")
+        draws = draws or {}
         total, per_level = prediction_loss(
             out.predictions, out.targets, self.level_weights, self.distance, out.target_valid
         )
         terms = {f"loss_level{i}": term for i, term in enumerate(per_level)}
         if self.sigreg is not None:
             sets = self.sigreg_inputs(out)
-            terms["sigreg"] = sum(self.sigreg(z, step=step, weights=w) for z, w in sets) / len(sets)
+            drawn = draws.get("sigreg")
+            terms["sigreg"] = sum(
+                self.sigreg(z, step=step, weights=w, drawn=drawn) for z, w in sets
+            ) / len(sets)
             total = total + self.sigreg_weight * terms["sigreg"]
         if self.needs_two_views and out.pooled_views is None:
             raise ValueError(
@@ -251,7 +272,10 @@ class Objective(nn.Module):
                 token_mean(out.context, out.context_valid).float(),
                 *local.chunk(local.shape[0] // out.context.shape[0]),
             ]
-            terms["view_sigreg"] = sum(self.view_sigreg(z, step=step) for z in views) / len(views)
+            drawn = draws.get("view_sigreg")
+            terms["view_sigreg"] = sum(
+                self.view_sigreg(z, step=step, drawn=drawn) for z in views
+            ) / len(views)
             total = total + self.view_sigreg_weight * terms["view_sigreg"]
         return total, terms
 

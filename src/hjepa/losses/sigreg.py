@@ -607,28 +607,40 @@ class SIGReg(nn.Module):
             self._drawn[kind] = (key, make())
         return self._drawn[kind][1]
 
-    def _project(self, z: Tensor, step: int) -> Tensor:
-        """Projections ``[N, K]`` on the step's directions, drawn once for all the sets of
-        embeddings of one step (and, for ``permuted``, the pool once per run)."""
-        dim, opts = z.shape[1], {"seed": self.seed, "dtype": z.dtype, "device": z.device}
+    def draw_at(
+        self, step: int, dim: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, ...]:
+        """The random projection of ``step`` for ``dim``-wide embeddings: ``(directions,)``
+        (``gaussian``) or ``(pool, perm, signs)`` (``permuted``). Drawn once for all the sets
+        of embeddings of a step (and, for ``permuted``, the pool once per run); pass it as
+        ``forward(..., drawn=...)`` where the step must not be read (a compiled loss)."""
+        opts = {"seed": self.seed, "dtype": dtype, "device": device}
         if self.draw == "gaussian":
             directions = self._cached(
                 "directions",
-                (dim, step, z.dtype, z.device),
+                (dim, step, dtype, device),
                 lambda: random_directions(dim, self.num_slices, step, **opts),
             )
-            return (directions.mT @ z.mT).mT
+            return (directions,)
         pool = self._cached(
-            "pool",
-            (dim, z.dtype, z.device),
-            lambda: random_directions(dim, self.num_slices, 0, **opts),
+            "pool", (dim, dtype, device), lambda: random_directions(dim, self.num_slices, 0, **opts)
         )
         perm, signs = self._cached(
-            "permutation",
-            (dim, step, z.dtype, z.device),
-            lambda: signed_permutation(dim, step, **opts),
+            "permutation", (dim, step, dtype, device), lambda: signed_permutation(dim, step, **opts)
         )
-        return (pool.mT @ (z.index_select(1, perm) * signs).mT).mT
+        return pool, perm, signs
+
+    def _project(self, z: Tensor, drawn: tuple[Tensor, ...]) -> Tensor:
+        """Projections ``[N, K]`` of ``z`` on a step's draw (:meth:`draw_at`)."""
+        if len(drawn) != (1 if self.draw == "gaussian" else 3) or drawn[0].shape[0] != z.shape[1]:
+            raise ValueError(
+                f"drawn must be SIGReg.draw_at(step, {z.shape[1]}, ...) of this {self.draw} "
+                f"SIGReg, got {len(drawn)} tensor(s) of shapes {[tuple(t.shape) for t in drawn]}"
+            )
+        if self.draw == "gaussian":
+            return (drawn[0].to(z.dtype).mT @ z.mT).mT
+        pool, perm, signs = drawn
+        return (pool.to(z.dtype).mT @ (z.index_select(1, perm) * signs.to(z.dtype)).mT).mT
 
     def extra_repr(self) -> str:
         return (
@@ -642,8 +654,11 @@ class SIGReg(nn.Module):
         directions: Tensor | None = None,
         step: int | None = None,
         weights: Tensor | None = None,
+        drawn: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
-        """SIGReg of the embeddings ``z [N, D]``; ``weights [N]``: 0 leaves a point out."""
+        """SIGReg of the embeddings ``z [N, D]``; ``weights [N]``: 0 leaves a point out. The
+        directions: explicit ``directions``, a step's ``drawn`` projection (:meth:`draw_at`),
+        or the one of ``step``."""
         if z.ndim != 2:
             raise ValueError(
                 f"SIGReg expects embeddings [N, D], got shape {tuple(z.shape)}; "
@@ -652,14 +667,16 @@ class SIGReg(nn.Module):
         with _full_precision(z.device):
             z = _compute_dtype(z)
             if directions is None:
-                if step is None:
+                if drawn is None and step is None:
                     raise ValueError(
                         "SIGReg needs the global step to draw its random directions: call "
                         "sigreg(z, step=global_step) with the same step on every rank, "
                         "or pass directions=[D, K] unit columns"
                     )
+                if drawn is None:
+                    drawn = self.draw_at(step, z.shape[1], z.dtype, z.device)
                 # Slice-major projections ([K, N] contiguous) are what the statistic reads.
-                projections = self._project(z, step)
+                projections = self._project(z, drawn)
             elif directions.ndim != 2 or directions.shape[0] != z.shape[1]:
                 raise ValueError(
                     f"directions must have shape [D, K] = [{z.shape[1]}, K], "

@@ -342,23 +342,27 @@ class HJEPA(nn.Module):
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Per level, the prediction of every target cell and its target ``[B, M, K_l, D]``."""
         predictions, targets = [], []
-        passes: dict[int, Tensor] = {}
-        fused: dict[int, list[Tensor]] = {}  # FPN outputs per predictor pass
+        # (block indices, predictor output, FPN outputs) of each predictor pass so far
+        passes: list[tuple[Tensor, Tensor, list[Tensor] | None]] = []
         for lvl in range(self.levels):
             index = idx.blocks[lvl]
             valid = None if idx.block_valid is None else idx.block_valid[lvl]
-            # Constant mode shares the level-0 footprint: one predictor pass serves every level.
-            if id(index) not in passes:
-                passes[id(index)] = self.predictor(
-                    context, idx.context, index, idx.context_valid, valid
-                )
-            raw = passes[id(index)]
-            cells = idx.cells[lvl]  # [B, M, K_l]
-            if self.fpn is not None:  # dense per-block grids, fused top-down, then gathered
-                if id(index) not in fused:
+            # Constant mode shares the level-0 footprint (the same tensor object): one predictor
+            # pass serves every level. Found by `is`, not by id(): a compiled step then guards
+            # on the aliasing, not on one batch's tensor.
+            done = _pass_of(passes, index)
+            if done is None:
+                raw = self.predictor(context, idx.context, index, idx.context_valid, valid)
+                fused = None
+                if self.fpn is not None:  # dense per-block grids, fused top-down
                     pyramid = prediction_pyramid(raw, index, self.grid_size, self.levels, valid)
-                    fused[id(index)] = self.fpn(pyramid, self.grid_size)
-                pred = _gather_cells(fused[id(index)][lvl], cells)
+                    fused = self.fpn(pyramid, self.grid_size)
+                done = (index, raw, fused)
+                passes.append(done)
+            _, raw, fused = done
+            cells = idx.cells[lvl]  # [B, M, K_l]
+            if fused is not None:  # the FPN's level, gathered at the target cells
+                pred = _gather_cells(fused[lvl], cells)
             elif lvl == 0:
                 pred = raw
             else:
@@ -400,6 +404,14 @@ def token_mean(tokens: Tensor, valid: Tensor | None) -> Tensor:
         return tokens.mean(dim=1)
     weight = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weight).sum(dim=1) / weight.sum(dim=1)
+
+
+def _pass_of(passes: list[tuple], index: Tensor) -> tuple | None:
+    """The entry of ``passes`` made for the block indices ``index`` (the same object), or None."""
+    for done in passes:
+        if done[0] is index:
+            return done
+    return None
 
 
 def _gather_cells(grid: Tensor, cells: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -52,8 +54,85 @@ def step_unless(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
         del optimizer.found_inf
 
 
+def finite_step(terms: Tensor, grad_norm: Tensor | None) -> Tensor:
+    """bool ``[]`` on the device: every loss term (and ``grad_norm``, when given) is finite."""
+    checks = [terms.detach().float().flatten()]
+    if grad_norm is not None:
+        checks.append(grad_norm.detach().float().reshape(1))
+    return torch.isfinite(torch.cat(checks)).all()
+
+
 def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
         if group["apply_wd"]:
             group["weight_decay"] = weight_decay
+
+
+class AdamWGroup(NamedTuple):
+    """One parameter group of an AdamW as :func:`adamw_step_where` reads it."""
+
+    params: list[Tensor]  # those with a gradient
+    states: list[dict[str, Tensor]]  # their optimizer state: step, exp_avg, exp_avg_sq
+    betas: tuple[float, float]
+    eps: float
+    decays: bool  # whether the group takes the weight decay
+
+
+def adamw_groups(optimizer: torch.optim.AdamW) -> list[AdamWGroup]:
+    """``optimizer``'s groups for :func:`adamw_step_where`, giving every parameter with a
+    gradient the state torch's fused AdamW keeps (a float32 ``step`` on the device, both moments)
+    where it has none. Eager: a compiled step must neither create state nor read the groups'
+    float learning rate (a graph guards on every float it reads)."""
+    groups = []
+    for group in optimizer.param_groups:
+        if group["amsgrad"] or group["maximize"]:
+            raise ValueError("adamw_step_where supports plain AdamW (no amsgrad, no maximize)")
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [optimizer.state[p] for p in params]
+        betas = tuple(group["betas"])
+        groups.append(AdamWGroup(params, states, betas, group["eps"], group["apply_wd"]))
+    return groups
+
+
+@torch.no_grad()
+def adamw_step_where(
+    groups: list[AdamWGroup], lr: Tensor, weight_decay: Tensor, applied: Tensor
+) -> None:
+    """The AdamW update of ``groups`` (:func:`adamw_groups`) where ``applied`` (bool ``[]``),
+    nothing where not (no weight, no moment, no step count), with 0-dim tensor ``lr`` and
+    ``weight_decay`` (the decaying groups'): traced whole by ``torch.compile``, one graph for
+    every step of a run, where the optimizer's own step would recompile for each new float.
+
+    The same update as ``torch.optim.AdamW`` (fused or not) up to float rounding, on its state,
+    so checkpoints move between the two.
+    """
+    for group in groups:
+        beta1, beta2 = group.betas
+        decay = weight_decay if group.decays else 0.0
+        for p, state in zip(group.params, group.states):
+            _adamw_one(p, state, lr, decay, beta1, beta2, group.eps, applied)
+
+
+def _adamw_one(p, state: dict, lr, decay, beta1, beta2, eps, applied: Tensor) -> None:
+    """One parameter's AdamW update, written back only where ``applied``."""
+    step = state["step"] + applied.to(state["step"].dtype)
+    grad = p.grad
+    exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+    # Bias corrections in float64, as torch's kernels take them: 1 - 0.999 ** 1 in float32
+    # is off by 1e-5 relative.
+    step64 = step.double()
+    step_size = lr / (1 - beta1**step64)
+    denom = exp_avg_sq.sqrt() / (1 - beta2**step64).sqrt() + eps
+    updated = p * (1 - lr * decay) - step_size * exp_avg / denom
+    p.copy_(torch.where(applied, updated, p))
+    state["exp_avg"].copy_(torch.where(applied, exp_avg, state["exp_avg"]))
+    state["exp_avg_sq"].copy_(torch.where(applied, exp_avg_sq, state["exp_avg_sq"]))
+    state["step"].copy_(step)

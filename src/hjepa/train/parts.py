@@ -228,7 +228,7 @@ def build_model(
     cfg: Config, channels: int, multicrop: bool, device: torch.device
 ) -> tuple[HJEPA, WarmStart | None]:
     """The model, initialised from ``train.seed`` (or ``train.init_from``'s encoder weights in
-    a new run), compiled when ``train.compile``."""
+    a new run)."""
     loss = cfg.loss
     torch.manual_seed(cfg.train.seed)  # model initialisation
     model = HJEPA(
@@ -243,12 +243,9 @@ def build_model(
     warm_start = None
     if cfg.train.init_from and not ckpt.candidates(Path(cfg.run.dir)):  # its own one wins
         warm_start = load_init_weights(model, cfg, device)
-    if cfg.train.compile:  # in place: state dict keys stay those of the plain modules
-        # Static shapes: under compile the token counts are padded to a handful of buckets
-        # (build_parts), one graph each (dynamic shapes also failed to lower the conv stem).
-        for module in {model.context_encoder, model.target_encoder}:
-            module.compile(dynamic=False)
-        model.predictor.compile(dynamic=False)
+    # train.compile compiles the training step around the model (hjepa.train.compiled), not
+    # the modules: the model stays plain, so its state dict keys and its other callers (probes,
+    # evaluation) are those of an eager run.
     return model, warm_start
 
 

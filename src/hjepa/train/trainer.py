@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import sys
@@ -31,12 +32,13 @@ from hjepa import rundir, runlock
 from hjepa.config import Config
 from hjepa.models.vit import attention_backend
 from hjepa.train import console, distributed, recipe, resume
+from hjepa.train.compiled import CompiledUpdate, compiled_forward_loss
 from hjepa.train.ema import ema_before_each_step, ema_update
 from hjepa.train.inputs import InputPipeline
 from hjepa.train.interrupt import StopSignals, TrainingInterrupted
 from hjepa.train.logging import MetricsLogger
 from hjepa.train.monitor import OnlineProbe, collapse_warning
-from hjepa.train.optim import set_schedule, step_unless
+from hjepa.train.optim import finite_step, set_schedule, step_unless
 from hjepa.train.parts import Parts, build_parts
 
 
@@ -174,18 +176,44 @@ class Trainer:
                 with self._autocast():
                     # 2. Forward: target encoder on the whole image (no gradient), context
                     #    encoder on the context tokens, predictor at every level's targets.
-                    out = self.ddp(x, index, views, second)
                     # 3. Loss: weighted per-level prediction loss + regularisers.
-                    loss, parts = self.objective(out, step=self.step)
+                    loss, parts = self._forward_loss(x, index, views, second)
                 # 4. Backward; gradients add up over the micro-batches of the step.
                 self.scaler.scale(loss / len(micro_batches)).backward()
             terms.append(torch.stack([loss.detach(), *(p.detach() for p in parts.values())]))
         # Averaged over ranks: every rank takes the same skip decision, logs are global.
         mean_terms = distributed.mean_over_ranks(torch.stack(terms).mean(0), self.dist)
         # 4. Optimizer step on the clipped gradient, unless a loss term or the gradient is not
-        #    finite (under fp16 the GradScaler itself skips overflowing gradients). Decided on
-        #    the device: the step never waits for the flag, the trainer reads it later.
-        set_schedule(self.optimizer, self.lr_at(self.step), self.wd_at(self.step))
+        #    finite, decided on the device: the step never waits for the flag, the trainer
+        #    reads it later.
+        # 5. EMA: the target encoder moves towards the weights of the step just taken.
+        grad_norm, applied, check_grad = self._update(mean_terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        # A skipped step still counts: schedules, data order and the checkpointed step stay
+        # aligned, so a resumed run still repeats this one exactly.
+        self.step += 1
+        self._skipped += ~applied
+        names = self.term_names(mean_terms.numel())
+        return StepResult(mean_terms, grad_norm, applied, self.step, names, check_grad)
+
+    def _forward_loss(self, x: Tensor, index, views, second) -> tuple[Tensor, dict[str, Tensor]]:
+        """Steps 2 and 3 of :meth:`train_step`; under ``train.compile`` one graph per token
+        bucket, with SIGReg's directions of the step drawn before it (hjepa.train.compiled)."""
+        if not self.cfg.train.compile:
+            return self.objective(self.ddp(x, index, views, second), step=self.step)
+        dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        draws = self.objective.draws(self.step, self.cfg.model.embed_dim, dtype, self.device)
+        return compiled_forward_loss(self.ddp, self.objective, x, index, views, second, draws)
+
+    def _update(self, mean_terms: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Steps 4 and 5 of :meth:`train_step` (after the backward): ``(grad_norm, applied,
+        check_grad)``. Under ``train.compile`` (not fp16) one graph, :class:`CompiledUpdate`."""
+        lr, weight_decay = self.lr_at(self.step), self.wd_at(self.step)
+        set_schedule(self.optimizer, lr, weight_decay)
+        if self._compiled_update is not None:
+            momentum = self.momentum_at(self.step)
+            grad_norm, applied = self._compiled_update(mean_terms, lr, weight_decay, momentum)
+            return grad_norm, applied, True
         check_grad = not self.scaler.is_enabled()
         if not check_grad:  # fp16: the GradScaler skips what a non-finite loss leaves too
             applied = finite_step(mean_terms, None)
@@ -195,17 +223,26 @@ class Trainer:
         if check_grad:
             applied = finite_step(mean_terms, grad_norm)
         self._optimizer_step(applied)
-        self.optimizer.zero_grad(set_to_none=True)
-        # 5. EMA: the target encoder moves towards the weights of the step just taken.
         if self.ema_after_step:
             momentum = self.momentum_at(self.step)
             ema_update(self.model.target_encoder, self.model.context_encoder, momentum, applied)
-        # A skipped step still counts: schedules, data order and the checkpointed step stay
-        # aligned, so a resumed run still repeats this one exactly.
-        self.step += 1
-        self._skipped += ~applied
-        names = self.term_names(mean_terms.numel())
-        return StepResult(mean_terms, grad_norm, applied, self.step, names, check_grad)
+        return grad_norm, applied, check_grad
+
+    @functools.cached_property
+    def _compiled_update(self) -> CompiledUpdate | None:
+        """Steps 4 and 5 as one compiled graph under ``train.compile``; None otherwise, and
+        under fp16, whose GradScaler takes its own (eager) optimizer step."""
+        if not self.cfg.train.compile or self.scaler.is_enabled():
+            return None
+        timing = self.parts.ema_timing
+        ema_pair = (self.model.target_encoder, self.model.context_encoder)
+        return CompiledUpdate(
+            self.optimizer,
+            self.params,
+            self.parts.max_grad_norm,
+            ema_pair if timing != "none" else None,
+            timing if timing != "none" else None,
+        )
 
     def _optimizer_step(self, applied: Tensor) -> None:
         """The optimizer step where ``applied``; a skipped one changes no weight and no state."""
@@ -510,14 +547,6 @@ class Trainer:
                 self.loader.skipped, self.dist, self.device
             )
         return record
-
-
-def finite_step(terms: Tensor, grad_norm: Tensor | None) -> Tensor:
-    """bool ``[]`` on the device: every loss term (and ``grad_norm``, when given) is finite."""
-    checks = [terms.detach().float().flatten()]
-    if grad_norm is not None:
-        checks.append(grad_norm.detach().float().reshape(1))
-    return torch.isfinite(torch.cat(checks)).all()
 
 
 def poison_unless(applied: Tensor, grads: list[Tensor]) -> None:
