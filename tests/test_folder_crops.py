@@ -110,7 +110,7 @@ def test_the_crops_are_the_same_with_any_number_of_workers_and_across_a_resume(t
     assert not torch.equal(uninterrupted[0][1], centre), "the batch is the evaluation view"
     with_workers = first_batches(Trainer(run[1]), 6)
     resumed_trainer = Trainer(run[1])  # a fresh loader and workers, as a resumed run builds
-    resumed_trainer.step = 3  # what its checkpoint restores
+    resumed_trainer.load_state_dict({**resumed_trainer.state_dict(), "step": 3})  # a checkpoint
     resumed = first_batches(resumed_trainer, 3)
     for (micro, images), other in zip(uninterrupted, with_workers, strict=True):
         assert other[0] == micro and torch.equal(other[1], images)

@@ -88,7 +88,8 @@ def test_the_drawn_masks_are_the_steps_own_draw(tmp_path, folder, kind, workers)
     cfg = _config(tmp_path, kind, folder)
     trainer = _trainer(cfg, workers)
     reference = mask_preparer(cfg, cfg.train.batch_size)  # the draw the audit and tests use
-    trainer.step = 3  # from micro-batch 3 on, across an epoch end of the folder (2 per epoch)
+    # From micro-batch 3 on, across an epoch end of the folder (2 per epoch), as a resume does.
+    trainer.load_state_dict({**trainer.state_dict(), "step": 3})
     for micro, images, prepared in _kept(trainer, 4):
         assert prepared.micro == micro and prepared.batch == images.shape[0]
         _assert_same_masks(prepared.masks, reference(micro))
@@ -117,7 +118,7 @@ def test_a_resumed_run_gets_the_same_draws_mid_epoch_and_across_epochs(tmp_path)
     cfg = _config(tmp_path, "in_memory", None, "data.synthetic_size=64")  # 4 micro-batches
     uninterrupted = _kept(_trainer(cfg, 0), 7)
     resumed_trainer = _trainer(cfg, 1)  # fresh workers, as a resumed run builds them
-    resumed_trainer.step = 2  # mid-epoch: what its checkpoint restores
+    resumed_trainer.load_state_dict({**resumed_trainer.state_dict(), "step": 2})  # mid-epoch
     resumed = _kept(resumed_trainer, 5)  # micro-batches 2..6: into the second epoch
     for (micro, images, prepared), again in zip(uninterrupted[2:], resumed, strict=True):
         assert again[0] == micro and again[2].micro == micro

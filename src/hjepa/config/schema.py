@@ -199,7 +199,7 @@ class TrainConfig:
         "stop", "on a NaN/inf loss or gradient: stop (last checkpoint kept) or skip the step"
     )
     compile: bool = setting(
-        False, "torch.compile the encoders and the predictor (faster steps on a GPU)"
+        False, "compile the step: forward + loss, and the update (clip, AdamW, EMA), fullgraph"
     )
     init_from: str = setting(
         "", "a new run starts from this run dir's (or checkpoint file's) encoder weights"
