@@ -1,6 +1,6 @@
 """hjepa: hierarchical Joint-Embedding Predictive Architecture for self-supervised learning.
 
-``import hjepa`` stays light (no torch): :func:`load_encoder` (:mod:`hjepa.load`) and
+``import hjepa`` stays light (no torch): :func:`load_encoder` (:mod:`hjepa.weights`) and
 :class:`Encoder` (:mod:`hjepa.encoder`) are imported on first use.
 """
 
@@ -11,7 +11,7 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-_LAZY = {"load_encoder": "hjepa.load", "Encoder": "hjepa.encoder"}
+_LAZY = {"load_encoder": "hjepa.weights", "Encoder": "hjepa.encoder"}
 
 __all__ = ["__version__", "load_encoder", "Encoder"]
 

@@ -27,8 +27,8 @@ from hjepa.data.tensors import ImageTensors
 from hjepa.device import pick_device
 from hjepa.encoder import CONCAT
 from hjepa.eval.runner import load_run_config
-from hjepa.load import load_encoder
 from hjepa.rundir import checkpoint_path
+from hjepa.weights import load_encoder
 
 SPLITS = ("train", "test")
 # What extract may override: the data read, and how it is batched and where it runs.
