@@ -44,8 +44,6 @@ class CompiledUpdate:
         ema_pair: tuple[nn.Module, nn.Module] | None,
         ema_timing: str | None,
     ) -> None:
-        if optimizer.defaults.get("amsgrad") or optimizer.defaults.get("maximize"):
-            raise ValueError("train.compile needs plain AdamW (no amsgrad, no maximize)")
         self.optimizer, self.params, self.max_grad_norm = optimizer, params, max_grad_norm
         self.ema_pair, self.ema_timing = ema_pair, ema_timing
         device = params[0].device
